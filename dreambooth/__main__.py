@@ -1,0 +1,3 @@
+from dreambooth.cli import main
+
+raise SystemExit(main())
