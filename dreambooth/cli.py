@@ -17,6 +17,8 @@ import typing
 COMMANDS: dict[str, str] = {
     "data": "dreambooth.commands.data:data",
     "tokens": "dreambooth.commands.tokens:tokens",
+    "train": "dreambooth.commands.train:train",
+    "demo": "dreambooth.commands.demo:demo",
 }
 
 # Parameter names that cannot be spelled as the flag users expect.

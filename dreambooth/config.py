@@ -198,6 +198,11 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, hint: Any) -> Any:
             return int(value)
         raise bad("an integer")
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad("a number") from None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         raise bad("a number")

@@ -1,0 +1,62 @@
+"""`dreambooth train`: fine-tune a base model on a folder of photos."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def train(
+    images: str | None = None,
+    class_noun: str | None = None,
+    token: str | None = None,
+    model: str | None = None,
+    preset: str | None = None,
+    config: str | None = None,
+    overrides: list[str] | None = None,
+    out: str | None = None,
+    resume: str | None = None,
+    progress: bool = True,
+) -> int:
+    """Teach the model your subject (DreamBooth with prior preservation) and write a run directory.
+
+    Example: dreambooth train --images ./my-dog --class dog --preset sd15-lora --out runs/dog
+
+    Args:
+        images: folder of 3-20 photos of the subject (only read, never written)
+        class_noun: the subject's class noun, e.g. dog, backpack, mug
+        token: identifier for the subject (default: the top pick of `dreambooth tokens`)
+        model: base model: a local diffusers folder, or tiny
+        preset: a preset from dreambooth/configs (tiny, sd15-full, sd15-lora, sd21-full, sdxl-lora)
+        config: a YAML config file (applied after the preset)
+        overrides: key=value (repeatable), e.g. --set lr=1e-4 --set train.steps=400
+        out: run directory to create (config.yaml, metrics.jsonl, checkpoints/, final/)
+        resume: continue the run in this directory from its newest complete checkpoint
+        progress: show a progress bar
+    """
+    from dreambooth.config import build_config
+    from dreambooth.errors import DreamboothError
+    from dreambooth.train import train as run_training
+
+    if resume:
+        run_dir = Path(resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise DreamboothError(f"{run_dir} is not a run directory (no config.yaml); "
+                                  "start a run with --out RUN_DIR first")
+        if any(v is not None for v in (images, class_noun, token, model, preset, config, overrides, out)):
+            raise DreamboothError("--resume takes the run's own config.yaml; give no other settings "
+                                  "(edit RUN_DIR/config.yaml to change one)")
+        result = run_training(None, run_dir, resume=True, progress=progress)
+    else:
+        if not out:
+            raise DreamboothError("missing --out RUN_DIR: where the run directory should be created")
+        run_dir = Path(out)
+        if (run_dir / "config.yaml").exists():
+            raise DreamboothError(f"{run_dir} already holds a run; continue it with "
+                                  f"`dreambooth train --resume {run_dir}` or choose another --out")
+        cfg = build_config(preset, config, overrides, extra={
+            "data.images": images, "data.class_noun": class_noun, "data.token": token,
+            "model.path": model})
+        result = run_training(cfg, run_dir, progress=progress)
+    where = result.final or run_dir
+    print(f"done: step {result.step}, loss {result.loss:.4f}. Run directory: {run_dir}  Weights: {where}")
+    return 0

@@ -1,0 +1,236 @@
+"""Photo intake: read a folder of a user's photos into upright RGB images, check them, crop them.
+
+``read_photos`` only ever reads the folder. It returns every usable photo with what was done to
+it (EXIF rotation, mode conversion) and a list of warnings, or raises one ``InputError`` that
+names every bad file on its own line with what to do about it. Cropping, the contact sheet and
+the tensor conversion are small pure functions used by the ``data`` command and the trainer.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+
+from dreambooth.errors import InputError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".mpo"}
+IMAGE_FORMATS = {"JPEG", "MPO", "PNG", "WEBP", "BMP"}
+IGNORED_NAMES = {"thumbs.db", "desktop.ini", "ehthumbs.db"}  # plus any hidden ".name"
+MIN_SIDE = 64
+HASH_SIZE = 16  # 16x16 dHash: 8x8 calls distinct poses on a plain background duplicates
+NEAR_DUPLICATE_BITS = 10  # Hamming distance (of 256 bits) at or under which two photos match
+KINDS = "JPEG, PNG, WebP, BMP or MPO"
+EXIF_NOTES = {
+    2: "exif-mirrored", 3: "exif-rotated 180°", 4: "exif-flipped vertically",
+    5: "exif-transposed", 6: "exif-rotated 90°", 7: "exif-transversed", 8: "exif-rotated 270°",
+}
+
+
+@dataclass
+class Photo:
+    path: Path
+    image: Image.Image  # RGB, upright, NOT yet cropped
+    caption: str | None
+    notes: list[str] = field(default_factory=list)  # what was done, e.g. ["exif-rotated 90°"]
+    original_size: tuple[int, int] = (0, 0)  # (width, height) as stored in the file
+    original_mode: str = ""
+
+
+@dataclass
+class Intake:
+    photos: list[Photo]
+    warnings: list[str]
+
+
+# --- conversion -----------------------------------------------------------------------------
+
+
+def _high_bit_depth_to_8bit(image: Image.Image) -> Image.Image:
+    """I;16 / I / F grayscale -> L, scaling by the range the values were stored in."""
+    a = np.asarray(image).astype(np.float64)
+    top = float(a.max()) if a.size else 0.0
+    if image.mode.startswith("I;16"):
+        a = a / 257.0  # 65535 -> 255
+    elif image.mode == "F" and top <= 1.0:
+        a = a * 255.0  # floats in [0, 1]
+    elif top > 65535:
+        lo = float(a.min())
+        a = (a - lo) * 255.0 / (top - lo)  # unknown range: stretch
+    elif top > 255:
+        a = a / 257.0  # 16-bit values held in a 32-bit image
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+
+
+def to_rgb(image: Image.Image) -> tuple[Image.Image, list[str]]:
+    """Any Pillow mode -> RGB. Transparency is composited on white. Returns (image, notes)."""
+    mode = image.mode
+    if mode == "RGB":
+        return image, []
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB"), [f"{mode}→RGB on white"]
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return _high_bit_depth_to_8bit(image).convert("RGB"), [f"{mode}→8-bit RGB"]
+    return image.convert("RGB"), [f"{mode}→RGB"]
+
+
+def _load(path: Path) -> tuple[Photo | None, str | None]:
+    """Open one photo. Returns (photo, None) or (None, one line saying what is wrong)."""
+    if path.stat().st_size == 0:
+        return None, f"{path}: empty file (0 bytes) — copy it again from the camera or phone, or remove it"
+    try:
+        with Image.open(path) as im:
+            if im.format not in IMAGE_FORMATS:
+                return None, f"{path}: is a {im.format} image — save it as {KINDS}, or remove it"
+            im.load()
+            size, mode, fmt = im.size, im.mode, im.format
+            orientation = im.getexif().get(0x0112, 1)
+            upright = ImageOps.exif_transpose(im)
+    except UnidentifiedImageError:
+        return None, f"{path}: not a readable image (corrupt, or not really {path.suffix}) — re-export it as JPEG or PNG, or remove it"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return None, f"{path}: truncated or corrupt image ({e}) — copy it again or re-export it, or remove it"
+    if min(size) < MIN_SIDE:
+        return None, f"{path}: {size[0]}×{size[1]} px is too small (under {MIN_SIDE} px on the shorter side) — use a larger photo, or remove it"
+    notes = ["MPO: first frame"] if fmt == "MPO" else []
+    if orientation in EXIF_NOTES:
+        notes.append(EXIF_NOTES[orientation])
+    rgb, conv = to_rgb(upright)
+    return Photo(path, rgb, None, notes + conv, size, mode), None
+
+
+def _read_caption(path: Path) -> tuple[str | None, str | None]:
+    try:
+        text = path.read_text(encoding="utf-8-sig").strip()
+    except UnicodeDecodeError:
+        return None, f"{path}: caption is not UTF-8 text — save it as UTF-8"
+    return (text or None), None
+
+
+# --- the folder -----------------------------------------------------------------------------
+
+
+def read_photos(folder: str | Path, resolution: int = 512, max_images_warn: int = 50) -> Intake:
+    """Read every photo in ``folder`` (not recursive). Raises InputError listing every bad file."""
+    folder = Path(folder).expanduser()
+    if not folder.exists():
+        raise InputError(f"photo folder not found: {folder} — check the path")
+    if not folder.is_dir():
+        raise InputError(f"{folder} is a file, not a folder — pass the folder that holds the photos")
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and p.name.lower() not in IGNORED_NAMES)
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    stems = {p.stem for p in images}
+    captions = {p.stem: p for p in files if p.suffix.lower() == ".txt" and p.stem in stems}
+    problems = []
+    for p in files:
+        if p.suffix.lower() == ".txt" and p.stem not in stems:
+            problems.append(f"{p}: text file with no photo named '{p.stem}.jpg/.png/…' beside it — "
+                            "name it after its photo to use it as a caption, or move it out")
+        elif p.suffix.lower() not in IMAGE_SUFFIXES | {".txt"}:
+            problems.append(f"{p}: not a photo ({p.suffix or 'no extension'}) — only {KINDS} "
+                            "files are read; move it out of the folder")
+    photos = []
+    for p in images:
+        photo, problem = _load(p)
+        if problem:
+            problems.append(problem)
+            continue
+        if p.stem in captions:
+            photo.caption, problem = _read_caption(captions[p.stem])
+            if problem:
+                problems.append(problem)
+        photos.append(photo)
+    if problems:
+        head = f"{len(problems)} files in {folder} cannot be used:\n" if len(problems) > 1 else ""
+        raise InputError(head + "\n".join(problems))
+    if not photos:
+        raise InputError(f"no photos found in {folder} — put {KINDS} files in it")
+    return Intake(photos, _warnings(photos, resolution, max_images_warn))
+
+
+def _warnings(photos: list[Photo], resolution: int, max_images_warn: int) -> list[str]:
+    warnings = []
+    if len(photos) > max_images_warn:
+        warnings.append(f"{len(photos)} photos: DreamBooth usually needs 3–20; more than "
+                        f"{max_images_warn} slows training and rarely helps — keep the best ones")
+    for ph in photos:
+        w, h = ph.image.size
+        if min(w, h) < resolution:
+            warnings.append(f"{ph.path.name} is {w}×{h} (shorter side under {resolution}): it will be "
+                            "upscaled and look soft — use a larger photo if you have one")
+    hashes = [dhash(ph.image, HASH_SIZE) for ph in photos]
+    for i in range(len(photos)):
+        for j in range(i + 1, len(photos)):
+            d = hamming(hashes[i], hashes[j])
+            if d <= NEAR_DUPLICATE_BITS:
+                warnings.append(f"{photos[i].path.name} and {photos[j].path.name} look like near-duplicates "
+                                f"(hash distance {d}) — keep one so the model does not overfit that shot")
+    return warnings
+
+
+# --- pure image functions -------------------------------------------------------------------
+
+
+def dhash(image: Image.Image, size: int = 8) -> int:
+    """Difference hash: size*size bits, each 'is this pixel brighter than its right neighbour'."""
+    small = np.asarray(image.convert("L").resize((size + 1, size), Image.Resampling.BOX), dtype=np.int16)
+    bits = (small[:, 1:] > small[:, :-1]).flatten()
+    return int("".join("1" if b else "0" for b in bits), 2)
+
+
+def hamming(a: int, b: int) -> int:
+    return bin(a ^ b).count("1")
+
+
+def square_crop(image: Image.Image, resolution: int, crop: str = "center", flip: bool | float = False,
+                rng: random.Random | None = None) -> Image.Image:
+    """Square ``resolution`` crop: the shorter side is scaled to ``resolution`` (Lanczos), then a
+    center or random window is cut along the longer side. ``flip`` is a probability of a
+    horizontal mirror (True: always). ``rng`` drives random choices (default: Random(0))."""
+    if crop not in ("center", "random"):
+        raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+    rng = rng or random.Random(0)
+    w, h = image.size
+    side = min(w, h)
+    if crop == "center":
+        left, top = (w - side) // 2, (h - side) // 2
+    else:
+        left, top = rng.randint(0, w - side), rng.randint(0, h - side)
+    out = image.resize((resolution, resolution), Image.Resampling.LANCZOS,
+                       box=(left, top, left + side, top + side), reducing_gap=3.0)
+    if flip and (flip >= 1 or rng.random() < flip):
+        out = ImageOps.mirror(out)
+    return out
+
+
+def contact_sheet(images: list[Image.Image], labels: list[str], cell: int = 128) -> Image.Image:
+    """A white grid of thumbnails, each with its label underneath."""
+    cols = max(1, math.ceil(math.sqrt(len(images))))
+    rows = max(1, math.ceil(len(images) / cols))
+    label_h, pad = 16, 4
+    sheet = Image.new("RGB", (cols * (cell + pad) + pad, rows * (cell + label_h + pad) + pad), "white")
+    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
+    for i, (im, label) in enumerate(zip(images, labels)):
+        x, y = pad + (i % cols) * (cell + pad), pad + (i // cols) * (cell + label_h + pad)
+        thumb = im.convert("RGB")
+        thumb.thumbnail((cell, cell), Image.Resampling.LANCZOS)
+        sheet.paste(thumb, (x + (cell - thumb.width) // 2, y + (cell - thumb.height) // 2))
+        while len(label) > 4 and draw.textlength(label, font=font) > cell:
+            label = label[:-2] + "…"
+        draw.text((x, y + cell + 2), label, fill="black", font=font)
+    return sheet
+
+
+def to_tensor(image: Image.Image):
+    """RGB PIL image -> float tensor, shape (3, H, W), values in [-1, 1]."""
+    import torch
+
+    a = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(a.copy()).permute(2, 0, 1).contiguous()

@@ -1,0 +1,284 @@
+"""Base models: load a local diffusers folder (SD 1.x, 2.x, SDXL), or build a tiny one in-process.
+
+Nothing here downloads: loading is ``local_files_only`` and ``HF_HUB_OFFLINE=1`` is set by the
+CLI. ``tiny``, ``tiny-sd2`` and ``tiny-sdxl`` are small random models of the real architectures
+(UNet2DConditionModel, AutoencoderKL, CLIPTextModel with the real CLIP tokenizer, DDPM
+scheduler) that build in about a second, for tests and CPU runs. Their attention uses one or two
+wide heads: many narrow heads dominate CPU time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dreambooth.errors import ModelError
+
+TINY_NAMES = ("tiny", "tiny-sd2", "tiny-sdxl")
+EXPECTED = "model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/"
+
+
+@dataclass
+class BaseModel:
+    """The parts of a Stable Diffusion model that training and sampling use."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any  # the training noise scheduler (DDPM)
+    kind: str  # sd1 | sd2 | sdxl
+    source: str  # the path or tiny name it came from
+    text_encoder_2: Any = None  # SDXL only
+    tokenizer_2: Any = None
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def components(self) -> dict[str, Any]:
+        parts = dict(unet=self.unet, vae=self.vae, text_encoder=self.text_encoder,
+                     tokenizer=self.tokenizer, scheduler=self.scheduler)
+        if self.kind == "sdxl":
+            parts.update(text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2)
+        return parts
+
+    def pipeline(self, scheduler=None):
+        """A diffusers pipeline over these (shared, not copied) modules."""
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        parts = self.components()
+        if scheduler is not None:
+            parts["scheduler"] = scheduler
+        if self.kind == "sdxl":
+            return StableDiffusionXLPipeline(**parts)
+        return StableDiffusionPipeline(
+            **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+
+    def save(self, folder: str | Path) -> Path:
+        """Write a diffusers folder that ``DiffusionPipeline.from_pretrained`` loads."""
+        folder = Path(folder)
+        self.pipeline().save_pretrained(folder, safe_serialization=True)
+        return folder
+
+    def identity(self) -> str:
+        """A short hash that changes when the weights change (keys the class-image cache)."""
+        if self.source in TINY_NAMES:
+            h = hashlib.sha256(self.source.encode())
+            for name, p in sorted(self.unet.state_dict().items())[:8]:
+                h.update(name.encode() + p.detach().float().numpy().tobytes()[:4096])
+            return h.hexdigest()[:16]
+        return folder_identity(Path(self.source))
+
+
+def folder_identity(folder: Path) -> str:
+    """Hash of every weight file's name, size and first/last MiB: fast, and changes with the weights."""
+    h = hashlib.sha256()
+    for f in sorted(folder.rglob("*")):
+        if f.suffix in {".safetensors", ".bin", ".json", ".txt"} and f.is_file():
+            size = f.stat().st_size
+            h.update(f"{f.relative_to(folder)}:{size}".encode())
+            with f.open("rb") as fh:
+                h.update(fh.read(1 << 20))
+                if size > 2 << 20:
+                    fh.seek(-(1 << 20), 2)
+                    h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- tiny models
+
+
+def _tiny_text_encoder(hidden: int, with_projection: bool = False, pad_id: int = 49407):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=1,
+        num_hidden_layers=2, max_position_embeddings=77, projection_dim=hidden,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=pad_id, hidden_act="quick_gelu",
+    )
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(config)
+
+
+def build_tiny(name: str = "tiny", seed: int = 0, resolution: int = 64) -> BaseModel:
+    """A tiny random model of the real architecture; the same ``seed`` gives the same weights."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    from dreambooth.tokenizer import clip_tokenizer
+
+    if name not in TINY_NAMES:
+        raise ModelError(f"unknown tiny model '{name}'; choose one of {', '.join(TINY_NAMES)}")
+    kind = {"tiny": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}[name]
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=resolution,
+        block_out_channels=(16, 32, 32, 32), norm_num_groups=8, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    unet_args: dict[str, Any] = dict(
+        sample_size=resolution // 8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), norm_num_groups=32, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=1,
+    )
+    extra: dict[str, Any] = {}
+    if kind == "sd1":
+        text_encoder, tokenizer = _tiny_text_encoder(32), clip_tokenizer()
+    elif kind == "sd2":  # SD 2.x: linear projections in attention, v-prediction, pads with "!"
+        unet_args.update(use_linear_projection=True)
+        text_encoder, tokenizer = _tiny_text_encoder(32, pad_id=0), clip_tokenizer(pad_token="!")
+    else:  # SDXL: two text encoders (concatenated), pooled text + size/crop "time ids"
+        unet_args.update(
+            cross_attention_dim=64, use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32,
+        )
+        text_encoder, tokenizer = _tiny_text_encoder(32), clip_tokenizer()
+        extra = dict(text_encoder_2=_tiny_text_encoder(32, with_projection=True, pad_id=0),
+                     tokenizer_2=clip_tokenizer(pad_token="!"))
+    unet = UNet2DConditionModel(**unet_args)
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, steps_offset=1,
+        prediction_type="v_prediction" if kind == "sd2" else "epsilon",
+    )
+    return BaseModel(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                     scheduler=scheduler, kind=kind, source=name, **extra)
+
+
+# ---------------------------------------------------------------- local folders
+
+
+def _detect_kind(folder: Path, index: dict) -> str:
+    if "XL" in index.get("_class_name", "") or "text_encoder_2" in index:
+        return "sdxl"
+    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    te = json.loads((folder / "text_encoder" / "config.json").read_text())
+    if sched.get("prediction_type") == "v_prediction" or te.get("hidden_size") == 1024:
+        return "sd2"
+    return "sd1"
+
+
+def check_model_folder(folder: Path) -> dict:
+    """Return model_index.json's content, or explain what a model folder should hold."""
+    if not folder.exists():
+        raise ModelError(
+            f"model not found: {folder}. Give a local diffusers folder ({EXPECTED}) or 'tiny'. "
+            "Nothing is downloaded: fetch the model once elsewhere, e.g. with "
+            "`huggingface-cli download REPO --local-dir FOLDER`, and copy the folder here."
+        )
+    if folder.is_file():
+        raise ModelError(
+            f"{folder} is a file; this version loads diffusers folders ({EXPECTED}). "
+            "Convert a single-file checkpoint with diffusers' conversion script first."
+        )
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        found = ", ".join(sorted(p.name for p in folder.iterdir())[:12]) or "nothing"
+        raise ModelError(
+            f"{folder} is not a diffusers model folder: model_index.json is missing "
+            f"(found: {found}). Expected {EXPECTED}."
+        )
+    index = json.loads(index_path.read_text())
+    needed = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+    if "text_encoder_2" in index:
+        needed += ["text_encoder_2", "tokenizer_2"]
+    missing = [n for n in needed if not (folder / n).is_dir()]
+    if missing:
+        raise ModelError(
+            f"{folder} is incomplete: missing {', '.join(m + '/' for m in missing)}. "
+            f"A Stable Diffusion folder holds {EXPECTED}."
+        )
+    return index
+
+
+def load_base_model(path: str, kind: str = "auto", prediction_type: str = "auto") -> BaseModel:
+    """Load ``path`` (a local diffusers folder or a tiny name) for training or sampling."""
+    if path in TINY_NAMES:
+        model = build_tiny(path)
+    else:
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        folder = Path(path).expanduser()
+        index = check_model_folder(folder)
+        detected = _detect_kind(folder, index)
+        if kind not in ("auto", detected):
+            raise ModelError(f"{folder} looks like {detected}, but the config says model.kind={kind}")
+        opts = dict(local_files_only=True)
+        extra = {}
+        if detected == "sdxl":
+            extra = dict(
+                text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
+                    folder, subfolder="text_encoder_2", **opts),
+                tokenizer_2=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2", **opts),
+            )
+        model = BaseModel(
+            unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **opts),
+            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", **opts),
+            text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **opts),
+            tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **opts),
+            scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler", **opts),
+            kind=detected, source=str(folder), **extra,
+        )
+    if prediction_type != "auto" and prediction_type != model.prediction_type:
+        from diffusers import DDPMScheduler
+
+        model.scheduler = DDPMScheduler.from_config(model.scheduler.config, prediction_type=prediction_type)
+    return model
+
+
+# ---------------------------------------------------------------- conditioning
+
+
+def tokenize(tokenizer, prompts: list[str]):
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def encode_prompts(model: BaseModel, prompts: list[str], device=None) -> dict[str, Any]:
+    """UNet conditioning for ``prompts``, as keyword arguments of ``unet(...)``.
+
+    SD 1.x/2.x: the text encoder's last hidden state. SDXL: both encoders' penultimate hidden
+    states side by side, plus the second encoder's pooled embedding and the size/crop "time ids"
+    (original size = target size = the UNet's native size, no crop), as the SDXL pipeline does.
+    Gradients flow when the text encoder is being trained.
+    """
+    import torch
+
+    device = device or model.unet.device
+    ids = tokenize(model.tokenizer, prompts).to(device)
+    if model.kind != "sdxl":
+        return {"encoder_hidden_states": model.text_encoder(ids)[0]}
+    ids_2 = tokenize(model.tokenizer_2, prompts).to(device)
+    out_1 = model.text_encoder(ids, output_hidden_states=True)
+    out_2 = model.text_encoder_2(ids_2, output_hidden_states=True)
+    hidden = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
+    size = model.unet.config.sample_size * model.vae_scale_factor
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=hidden.dtype, device=device)
+    return {"encoder_hidden_states": hidden, "added_cond_kwargs": {
+        "text_embeds": out_2.text_embeds, "time_ids": time_ids.repeat(len(prompts), 1)}}
+
+
+def select_rows(cond: dict[str, Any], index) -> dict[str, Any]:
+    """Rows ``index`` of every tensor in a conditioning dict (also inside added_cond_kwargs)."""
+    out: dict[str, Any] = {}
+    for k, v in cond.items():
+        out[k] = select_rows(v, index) if isinstance(v, dict) else v[index]
+    return out
+
+
+def concat_cond(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    return {k: concat_cond(v, b[k]) if isinstance(v, dict) else torch.cat([v, b[k]])
+            for k, v in a.items()}

@@ -1,0 +1,359 @@
+"""The DreamBooth training loop: one function, read top to bottom.
+
+    train(cfg, run_dir)  ->  RUN_DIR/{config.yaml, metrics.jsonl, checkpoints/step-N/, final/}
+
+Every random choice for training sample k (which photo, which class image, timestep, noise) is
+drawn from a generator seeded by (seed, k). A step's randomness is therefore a function of the
+step alone: resuming from a checkpoint replays exactly what an uninterrupted run would have
+done, and N processes of batch b see the same samples as one process of batch N·b.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from dreambooth import checkpoint as ckpt
+from dreambooth.config import Config, config_from_dict, save_config
+from dreambooth.errors import DreamboothError
+from dreambooth.loss import dreambooth_loss, min_snr_weights, offset_noise, snr, training_target
+from dreambooth.models import BaseModel, concat_cond, encode_prompts, load_base_model, select_rows
+
+
+class TrainingError(DreamboothError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final: Path | None  # None when stopped early (stop_after)
+    step: int
+    loss: float
+
+
+# ------------------------------------------------------------------ randomness by position
+
+
+def sample_seed(seed: int, k: int, stream: int) -> int:
+    """A distinct 63-bit seed for sample k of stream (0: instance, 1: class, 2: order)."""
+    return ((seed * 1_000_003 + k) * 7 + stream) % (2**63 - 1)
+
+
+def nth_of_shuffle(seed: int, n: int, k: int, stream: int) -> int:
+    """Index of the k-th draw when 0..n-1 is reshuffled every epoch (epoch = k // n)."""
+    g = torch.Generator().manual_seed(sample_seed(seed, k // n, 2 + stream))
+    return int(torch.randperm(n, generator=g)[k % n])
+
+
+# ------------------------------------------------------------------ setup pieces
+
+
+def setup_trainable(model: BaseModel, cfg: Config) -> dict[str, torch.nn.Module]:
+    """Freeze everything, then make trainable what the mode asks for. The one place where
+    full fine-tuning and LoRA differ: full unfreezes whole modules, LoRA adds peft adapters
+    (base weights stay frozen) and trains only those."""
+    for m in (model.vae, model.unet, model.text_encoder, model.text_encoder_2):
+        if m is not None:
+            m.requires_grad_(False)
+    modules = {"unet": model.unet}
+    if cfg.train.train_text_encoder:
+        modules["text_encoder"] = model.text_encoder
+    if cfg.train.mode == "lora":
+        from peft import LoraConfig
+
+        targets = {"unet": cfg.lora.unet_targets, "text_encoder": cfg.lora.text_encoder_targets}
+        for name, module in modules.items():
+            module.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
+                                          lora_dropout=cfg.lora.dropout, init_lora_weights="gaussian",
+                                          target_modules=targets[name]))
+    else:
+        for module in modules.values():
+            module.requires_grad_(True)
+    return modules
+
+
+def trainable_weights(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """The trainable tensors, named 'unet.<param>' / 'text_encoder.<param>' (what a checkpoint holds)."""
+    return {f"{name}.{p_name}": p for name, m in modules.items()
+            for p_name, p in m.named_parameters() if p.requires_grad}
+
+
+def make_optimizer(cfg: Config, modules: dict[str, torch.nn.Module]) -> torch.optim.Optimizer:
+    t = cfg.train
+    groups = [{"params": [p for p in modules["unet"].parameters() if p.requires_grad], "lr": t.lr}]
+    if "text_encoder" in modules:
+        groups.append({"params": [p for p in modules["text_encoder"].parameters() if p.requires_grad],
+                       "lr": t.text_encoder_lr or t.lr})
+    kwargs = dict(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise TrainingError("train.optimizer=adamw8bit needs bitsandbytes: "
+                                "pip install bitsandbytes") from None
+        return bnb.optim.AdamW8bit(groups, **kwargs)
+    return torch.optim.AdamW(groups, fused=torch.cuda.is_available(), **kwargs)
+
+
+@torch.no_grad()
+def encode_latents(model: BaseModel, pixels: torch.Tensor, batch: int = 8) -> torch.Tensor:
+    """VAE latents (distribution mean × scaling factor) of (N,3,H,W) pixels in [-1, 1]."""
+    vae = model.vae
+    out = [vae.encode(pixels[i:i + batch].to(vae.device, vae.dtype)).latent_dist.mean
+           for i in range(0, len(pixels), batch)]
+    return torch.cat(out).float() * vae.config.scaling_factor
+
+
+def instance_data(cfg: Config, model: BaseModel) -> tuple[torch.Tensor, list[str]]:
+    """Latents of the subject's photos (and their mirror images when flipping) and their prompts."""
+    from dreambooth.data import read_photos, square_crop, to_tensor
+
+    d = cfg.data
+    intake = read_photos(d.images, d.resolution)
+    for w in intake.warnings:
+        print(f"warning: {w}")
+    default = d.instance_prompt.format(token=d.token, **{"class": d.class_noun})
+    crops, prompts = [], []
+    for photo in intake.photos:
+        prompt = photo.caption.format(token=d.token, **{"class": d.class_noun}) \
+            if (photo.caption and d.captions) else default
+        crops.append(square_crop(photo.image, d.resolution, crop="center"))
+        prompts.append(prompt)
+        if d.flip > 0:
+            crops.append(square_crop(photo.image, d.resolution, crop="center", flip=True))
+            prompts.append(prompt)
+    pixels = torch.stack([to_tensor(c) for c in crops])
+    return encode_latents(model, pixels), prompts
+
+
+def resolve_run_config(cfg: Config, model: BaseModel) -> Config:
+    """Fill in what 'auto' left open (the identifier) and check the data settings."""
+    from dreambooth.identifier import check_token, pick_token
+
+    if not cfg.data.images:
+        raise TrainingError("no photos given: pass --images DIR (a folder of 3-20 photos of the subject)")
+    if not cfg.data.class_noun:
+        raise TrainingError("no class noun given: pass --class NOUN (e.g. dog, backpack, mug)")
+    if cfg.data.token == "auto":
+        cfg.data.token = pick_token(model.tokenizer)
+    else:
+        for problem in check_token(cfg.data.token, model.tokenizer):
+            print(f"warning: token '{cfg.data.token}': {problem}")
+    if cfg.train.optimizer == "adamw8bit" and not torch.cuda.is_available():
+        raise TrainingError("train.optimizer=adamw8bit needs a CUDA GPU (bitsandbytes); "
+                            "use train.optimizer=adamw on CPU")
+    return cfg
+
+
+# ------------------------------------------------------------------ the loop
+
+
+def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
+          stop_after: int | None = None) -> TrainResult:
+    """Fine-tune ``cfg.model.path`` on the photos in ``cfg.data.images``; write RUN_DIR.
+
+    ``resume`` continues from the newest complete checkpoint in ``run_dir`` with the run's own
+    config.yaml. ``stop_after`` ends this invocation after that many steps, as if interrupted.
+    """
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+
+    from dreambooth.prior import class_images, encode_images
+
+    run_dir = Path(run_dir)
+    if resume:
+        cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    t = cfg.train
+    acc = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available())
+    torch.manual_seed(t.seed)
+
+    # 1. Model, identifier and resolved config (written before any heavy work).
+    model = load_base_model(cfg.model.path, cfg.model.kind, cfg.model.prediction_type)
+    cfg = resolve_run_config(cfg, model)
+    if acc.is_main_process and not resume:
+        save_config(cfg, run_dir / "config.yaml")
+    config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    low = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
+    for frozen in (model.vae, model.text_encoder, model.text_encoder_2):
+        if frozen is not None:
+            frozen.to(acc.device, dtype=low if acc.device.type == "cuda" else torch.float32)
+    model.unet.to(acc.device)
+
+    # 2. Data, encoded once: instance latents, class latents, prompt embeddings.
+    inst_latents, inst_prompts = instance_data(cfg, model)
+    class_prompt = cfg.data.class_prompt.format(**{"class": cfg.data.class_noun})
+    use_prior = cfg.prior.enabled
+    if use_prior:
+        with acc.main_process_first():  # one process generates the class images; the rest reuse them
+            prior_set = class_images(model, cfg, class_prompt, progress=progress and acc.is_main_process)
+        class_latents = encode_images(model, prior_set.paths, cfg.data.resolution, prior_set.folder)
+    modules = setup_trainable(model, cfg)
+    if t.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+        if "text_encoder" in modules:
+            model.text_encoder.gradient_checkpointing_enable()
+    te_steps = t.text_encoder_steps or t.steps
+    all_prompts = sorted(set(inst_prompts) | ({class_prompt} if use_prior else set()))
+    frozen_cond = None  # prompt -> embedding, computed once the text encoder stops changing
+
+    # 3. Optimizer, LR schedule, accelerate; then resume state if asked.
+    optimizer = make_optimizer(cfg, modules)
+    lr_sched = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps,
+                             num_training_steps=t.steps)
+    names = list(modules)
+    prepared = acc.prepare(*modules.values(), optimizer)
+    wrapped, optimizer = dict(zip(names, prepared[:-1])), prepared[-1]
+    # The text encoder, when trained, runs through its accelerate wrapper (gradient sync).
+    te_model = replace(model, text_encoder=wrapped.get("text_encoder", model.text_encoder))
+    weights = trainable_weights(modules)
+    step, seconds = 0, 0.0
+    if resume:
+        last = ckpt.latest_checkpoint(run_dir)
+        if last is None:
+            raise TrainingError(f"nothing to resume in {run_dir}: it has no complete checkpoint")
+        state = ckpt.load_checkpoint(last)
+        with torch.no_grad():
+            for name, tensor in state["weights"].items():
+                weights[name].copy_(tensor)
+        optimizer.load_state_dict(state["optimizer"])
+        lr_sched.load_state_dict(state["lr_scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        step, seconds = state["state"]["step"], state["state"].get("seconds", 0.0)
+        if acc.is_main_process:
+            trim_metrics(run_dir / "metrics.jsonl", step)
+            print(f"resuming from {last} (step {step})")
+
+    # 4. The loop.
+    acp = model.scheduler.alphas_cumprod
+    num_train_t = model.scheduler.config.num_train_timesteps
+    b, accum, world, rank = t.batch_size, t.grad_accum, acc.num_processes, acc.process_index
+    end = t.steps if stop_after is None else min(t.steps, step + stop_after)
+    bar = tqdm(total=t.steps, initial=step, disable=not (progress and acc.is_main_process),
+               desc="train", unit="step", dynamic_ncols=True)
+    loss_value = float("nan")
+    while step < end:
+        started = time.perf_counter()
+        train_te = "text_encoder" in modules and step < te_steps
+        totals = torch.zeros(3, device=acc.device)
+        for micro in range(accum):
+            ks = [((step * accum + micro) * world + rank) * b + j for j in range(b)]
+            latents, noise, tsteps, prompts = [], [], [], []
+            halves = [(inst_latents, inst_prompts, 0)]
+            if use_prior:
+                halves.append((class_latents, [class_prompt] * len(class_latents), 1))
+            for source, source_prompts, stream in halves:
+                for k in ks:
+                    i = nth_of_shuffle(t.seed, len(source), k, stream)
+                    g = torch.Generator().manual_seed(sample_seed(t.seed, k, stream))
+                    tsteps.append(torch.randint(0, num_train_t, (1,), generator=g))
+                    n = torch.randn(source[i].shape, generator=g)
+                    noise.append(offset_noise(n[None], t.noise_offset, g)[0])
+                    latents.append(source[i])
+                    prompts.append(source_prompts[i])
+            x0 = torch.stack(latents).to(acc.device)
+            eps = torch.stack(noise).to(acc.device)
+            ts = torch.cat(tsteps).to(acc.device)
+            noisy = model.scheduler.add_noise(x0, eps, ts)
+            target = training_target(model.prediction_type, x0, eps, ts, acp)
+            with acc.autocast():
+                if train_te:
+                    cond = encode_prompts(te_model, prompts, acc.device)
+                else:
+                    if frozen_cond is None:
+                        with torch.no_grad():
+                            frozen_cond = {p: encode_prompts(model, [p], acc.device) for p in all_prompts}
+                    cond = frozen_cond[prompts[0]]
+                    for p in prompts[1:]:
+                        cond = concat_cond(cond, frozen_cond[p])
+                pred = wrapped["unet"](noisy, ts, **cond).sample
+            w = min_snr_weights(snr(ts.cpu(), acp), t.snr_gamma, model.prediction_type) \
+                if t.snr_gamma else None
+            parts = dreambooth_loss(pred, target, num_instance=b, prior_weight=cfg.prior.weight,
+                                    weights=w)
+            if not torch.isfinite(parts.total):
+                last = ckpt.latest_checkpoint(run_dir)
+                raise TrainingError(
+                    f"loss became {parts.total.item()} at step {step + 1}; stopped. "
+                    + (f"The last good checkpoint is {last}. " if last else "No checkpoint was written yet. ")
+                    + "Lower train.lr, turn on train.max_grad_norm, or use bf16 instead of fp16.")
+            acc.backward(parts.total / accum)
+            totals += torch.stack([parts.total, parts.instance, parts.prior]).detach() / accum
+        if t.max_grad_norm:
+            acc.clip_grad_norm_([p for m in modules.values() for p in m.parameters() if p.requires_grad],
+                                t.max_grad_norm)
+        optimizer.step()
+        lr_sched.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        seconds += time.perf_counter() - started
+
+        totals = acc.reduce(totals, reduction="mean")
+        loss_value = totals[0].item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+        if acc.is_main_process and (step % t.log_every == 0 or step == t.steps):
+            log_metrics(run_dir / "metrics.jsonl", {
+                "step": step, "loss": loss_value, "instance_loss": totals[1].item(),
+                "prior_loss": totals[2].item(), "lr": lr_sched.get_last_lr()[0],
+                "seconds": round(seconds, 4)})
+        if step % t.checkpoint_every == 0 or (step == end and step < t.steps):
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                ckpt.save_checkpoint(
+                    run_dir, step, weights=weights, optimizer_state=optimizer.state_dict(),
+                    lr_scheduler_state=lr_sched.state_dict(),
+                    state={"data_position": step * accum * world * b, "loss": loss_value,
+                           "seconds": seconds}, config_yaml=config_yaml, keep=t.keep_checkpoints)
+    bar.close()
+
+    # 5. Final weights: a diffusers folder (full) or LoRA weights for load_lora_weights.
+    final = None
+    if step >= t.steps:
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            final = save_final(model, modules, cfg, run_dir / "final", config_yaml)
+    return TrainResult(run_dir=run_dir, final=final, step=step, loss=loss_value)
+
+
+# ------------------------------------------------------------------ run-directory I/O
+
+
+def log_metrics(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop lines logged after ``step`` (by a run that was killed after its last checkpoint)."""
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def save_final(model: BaseModel, modules: dict[str, torch.nn.Module], cfg: Config, folder: Path,
+               config_yaml: str) -> Path:
+    def write(tmp: Path) -> None:
+        if cfg.train.mode == "lora":
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft.utils import get_peft_model_state_dict
+
+            layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(m))
+                      for name, m in modules.items()}
+            type(model.pipeline()).save_lora_weights(tmp, **layers, safe_serialization=True)
+        else:
+            for m in (model.vae, model.text_encoder, model.text_encoder_2):
+                if m is not None:
+                    m.to(torch.float32)
+            model.save(tmp)
+        (tmp / "config.yaml").write_text(config_yaml)
+
+    return ckpt.atomic_dir(folder, write)
+
