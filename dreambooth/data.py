@@ -83,7 +83,7 @@ def to_rgb(image: Image.Image) -> tuple[Image.Image, list[str]]:
 def _load(path: Path) -> tuple[Photo | None, str | None]:
     """Open one photo. Returns (photo, None) or (None, one line saying what is wrong)."""
     if path.stat().st_size == 0:
-        return None, f"{path}: empty file (0 bytes) — copy it again from the camera or phone, or remove it"
+        return None, f"{path}: empty file (0 bytes) — copy it again from the camera, or remove it"
     try:
         with Image.open(path) as im:
             if im.format not in IMAGE_FORMATS:
@@ -93,11 +93,14 @@ def _load(path: Path) -> tuple[Photo | None, str | None]:
             orientation = im.getexif().get(0x0112, 1)
             upright = ImageOps.exif_transpose(im)
     except UnidentifiedImageError:
-        return None, f"{path}: not a readable image (corrupt, or not really {path.suffix}) — re-export it as JPEG or PNG, or remove it"
+        return None, (f"{path}: not a readable image (corrupt, or not really {path.suffix}) — "
+                      "re-export it as JPEG or PNG, or remove it")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        return None, f"{path}: truncated or corrupt image ({e}) — copy it again or re-export it, or remove it"
+        return None, (f"{path}: truncated or corrupt image ({e}) — "
+                      "copy it again or re-export it, or remove it")
     if min(size) < MIN_SIDE:
-        return None, f"{path}: {size[0]}×{size[1]} px is too small (under {MIN_SIDE} px on the shorter side) — use a larger photo, or remove it"
+        return None, (f"{path}: {size[0]}×{size[1]} px is too small (under {MIN_SIDE} px on the "
+                      "shorter side) — use a larger photo, or remove it")
     notes = ["MPO: first frame"] if fmt == "MPO" else []
     if orientation in EXIF_NOTES:
         notes.append(EXIF_NOTES[orientation])

@@ -295,7 +295,8 @@ def test_random_crop_and_flip_are_seeded():
 
 
 def test_contact_sheet_and_tensor():
-    sheet = contact_sheet([noise((64, 64), seed=i) for i in range(5)], [f"{i}.jpg" for i in range(5)], cell=64)
+    images, labels = [noise((64, 64), seed=i) for i in range(5)], [f"{i}.jpg" for i in range(5)]
+    sheet = contact_sheet(images, labels, cell=64)
     assert sheet.mode == "RGB" and sheet.width >= 3 * 64 and sheet.height >= 2 * 64
     t = to_tensor(Image.new("RGB", (8, 4), (255, 0, 128)))
     assert tuple(t.shape) == (3, 4, 8) and t.dtype.is_floating_point

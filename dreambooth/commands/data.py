@@ -27,7 +27,7 @@ def data(
         crop: center or random (random uses --seed)
         flip: probability of a horizontal flip per crop, 0 to 1 (default 0)
         seed: seed for random crops and flips (default 0)
-        sheet: write a contact sheet PNG of the prepared crops here (default: no sheet; must be outside the photo folder)
+        sheet: write a contact sheet PNG of the crops here, outside the photo folder (default: none)
     """
     import random
 
@@ -54,11 +54,11 @@ def data(
     rng = random.Random(seed)
     table = Table(title=escape(f"{len(intake.photos)} photos in {folder}"))
     names = [ph.path.name for ph in intake.photos]
-    table.add_column("file", no_wrap=True, min_width=max(map(len, names)))
+    table.add_column("file", overflow="fold", min_width=min(max(map(len, names)), 48))
     table.add_column("size", no_wrap=True)
-    table.add_column("mode")
-    table.add_column("caption")
-    table.add_column("done")
+    table.add_column("mode", no_wrap=True)
+    table.add_column("caption", no_wrap=True)
+    table.add_column("done", min_width=30)
     crops = []
     for ph in intake.photos:
         flipped = flip > 0 and rng.random() < flip  # drawn here so each row says what it got
@@ -71,7 +71,10 @@ def data(
         w, h = ph.original_size
         cells = [ph.path.name, f"{w}×{h}", ph.original_mode, "yes" if ph.caption else "-", ", ".join(done)]
         table.add_row(*map(escape, cells))
-    Console(highlight=False).print(table)
+    console = Console(highlight=False)
+    if not console.is_terminal:  # piped or logged: do not squeeze the table into 80 columns
+        console.width = max(console.width, 120)
+    console.print(table)
     for w in intake.warnings:
         print(f"warning: {w}", file=sys.stderr)
     n_cap = sum(ph.caption is not None for ph in intake.photos)

@@ -1,0 +1,214 @@
+"""The training loop on the tiny model (64 px, 8x8 latents): behaviour, not just "it runs"."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dreambooth import checkpoint as ckpt
+from dreambooth.checkpoint import load_run_model
+from dreambooth.commands.demo import paint_subject
+from dreambooth.config import build_config
+from dreambooth.train import TrainingError, train
+
+
+@pytest.fixture
+def photos(tmp_path_factory):
+    return paint_subject(tmp_path_factory.mktemp("photos"), count=3)[0].parent
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DREAMBOOTH_CACHE", str(tmp_path / "cache"))
+
+
+def make_cfg(photos, *sets, model="tiny"):
+    return build_config("tiny", overrides=[
+        f"data.images={photos}", "data.class_noun=toy", "data.token=zwx", f"model.path={model}",
+        "prior.num_images=4", "prior.steps=2", "train.steps=4", "train.checkpoint_every=2",
+        "train.keep_checkpoints=5", *sets])
+
+
+def weights_of(path):
+    return load_file(str(path / "trainable.safetensors"))
+
+
+def assert_same(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def fixed_loss(model, photos, prompt):
+    """Noise-prediction loss on the subject's photos at fixed noise and timesteps."""
+    from dreambooth.data import read_photos, square_crop, to_tensor
+    from dreambooth.models import encode_prompts
+    from dreambooth.train import encode_latents
+
+    pixels = torch.stack([to_tensor(square_crop(p.image, 64)) for p in read_photos(photos, 64).photos])
+    x0 = encode_latents(model, pixels)
+    g = torch.Generator().manual_seed(123)
+    total = 0.0
+    with torch.no_grad():
+        cond = encode_prompts(model, [prompt] * len(x0))
+        for t in (100, 300, 500, 700):
+            noise = torch.randn(x0.shape, generator=g)
+            ts = torch.full((len(x0),), t)
+            pred = model.unet(model.scheduler.add_noise(x0, noise, ts), ts, **cond).sample
+            total += torch.mean((pred - noise) ** 2).item()
+    return total / 4
+
+
+def test_loss_decreases_on_the_subject(photos, tmp_path):
+    from dreambooth.models import build_tiny
+
+    cfg = make_cfg(photos, "train.steps=40", "train.checkpoint_every=100", "prior.enabled=false")
+    before = fixed_loss(build_tiny(), photos, "a photo of zwx toy")
+    train(cfg, tmp_path / "run", progress=False)
+    model, _ = load_run_model(tmp_path / "run")
+    after = fixed_loss(model, photos, "a photo of zwx toy")
+    assert after < 0.8 * before, (before, after)
+    logged = metrics(tmp_path / "run")
+    assert [m["step"] for m in logged] == list(range(1, 41))
+    assert set(logged[0]) == {"step", "loss", "instance_loss", "prior_loss", "lr", "seconds"}
+
+
+def test_prior_half_is_weighted_by_lambda(photos, tmp_path):
+    # Adam divides by sqrt(v): it would blow the 1e-7 rounding differences between a batch of 1
+    # and a batch of 2 up to the size of a real update. A large eps makes it plain SGD (lr=eps).
+    runs = {}
+    for name, sets in {"none": ["prior.enabled=false"], "zero": ["prior.weight=0"],
+                       "one": ["prior.weight=1"]}.items():
+        train(make_cfg(photos, "train.steps=2", "train.adam_eps=1e3", "train.lr=1e3",
+                       "train.weight_decay=0", *sets), tmp_path / name, progress=False)
+        runs[name] = weights_of(tmp_path / name / "checkpoints" / "step-000002")
+    diff = {pair: max((runs[pair[0]][k] - runs[pair[1]][k]).abs().max().item() for k in runs["one"])
+            for pair in (("none", "zero"), ("zero", "one"))}
+    assert diff["none", "zero"] < 1e-5, diff  # lambda = 0 trains as if there were no prior batch
+    assert diff["zero", "one"] > 100 * max(diff["none", "zero"], 1e-7), diff
+    one = metrics(tmp_path / "one")
+    assert all(m["prior_loss"] > 0 for m in one)
+    assert one[0]["loss"] == pytest.approx(one[0]["instance_loss"] + one[0]["prior_loss"], rel=1e-5)
+    assert all(m["prior_loss"] == 0 for m in metrics(tmp_path / "none"))
+
+
+@pytest.mark.parametrize("sets", [
+    ["train.mode=full"],
+    ["train.mode=lora", "train.lr=1e-2"],
+    ["train.mode=full", "train.train_text_encoder=true", "train.text_encoder_steps=3"],
+], ids=["full", "lora", "full+text-encoder"])
+def test_resume_gives_identical_weights(photos, tmp_path, sets):
+    cfg = make_cfg(photos, "train.steps=4", "train.lr_scheduler=cosine", "train.warmup_steps=1", *sets)
+    straight = train(cfg, tmp_path / "straight", progress=False)
+    first = train(make_cfg(photos, "train.steps=4", "train.lr_scheduler=cosine",
+                           "train.warmup_steps=1", *sets), tmp_path / "split", progress=False,
+                  stop_after=2)
+    assert first.final is None and first.step == 2
+    resumed = train(None, tmp_path / "split", resume=True, progress=False)
+    assert resumed.step == 4 and straight.step == 4
+    assert_same(weights_of(tmp_path / "straight/checkpoints/step-000004"),
+                weights_of(tmp_path / "split/checkpoints/step-000004"))
+    assert [m["loss"] for m in metrics(tmp_path / "straight")] == \
+        [m["loss"] for m in metrics(tmp_path / "split")]
+
+
+def test_killed_checkpoint_write_keeps_the_previous_one(photos, tmp_path, monkeypatch):
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def dying_save(obj, f, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:  # the second checkpoint's optimizer.pt
+            raise KeyboardInterrupt("killed while writing")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(ckpt.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_cfg(photos), tmp_path / "run", progress=False)
+    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    names = sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir())
+    assert names == ["step-000002"]
+    state = ckpt.load_checkpoint(tmp_path / "run/checkpoints/step-000002")
+    assert state["state"]["step"] == 2 and state["weights"]
+    result = train(None, tmp_path / "run", resume=True, progress=False)
+    assert result.step == 4 and result.final.is_dir()
+
+
+def test_full_final_is_a_diffusers_folder(photos, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    train(make_cfg(photos, "train.steps=2"), tmp_path / "run", progress=False)
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "run/final", local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a photo of zwx toy", num_inference_steps=2, height=64, width=64, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 64, 64, 3) and 0 <= out.min() <= out.max() <= 1
+    assert (tmp_path / "run/final/config.yaml").is_file()
+
+
+def test_lora_final_loads_into_the_base_pipeline(photos, tmp_path):
+    from dreambooth.models import build_tiny
+
+    train(make_cfg(photos, "train.mode=lora", "train.lr=5e-2", "train.steps=3"), tmp_path / "run",
+          progress=False)
+    final = tmp_path / "run/final"
+    assert (final / "pytorch_lora_weights.safetensors").is_file()
+    base = build_tiny().pipeline()
+    base.set_progress_bar_config(disable=True)
+
+    def draw():
+        return base("a photo of zwx toy", num_inference_steps=2, height=64, width=64,
+                    output_type="np", generator=torch.Generator().manual_seed(0)).images
+
+    before = draw()
+    base.load_lora_weights(str(final))
+    assert not torch.allclose(torch.from_numpy(before), torch.from_numpy(draw()))
+
+
+def test_v_prediction_and_sdxl_train(photos, tmp_path):
+    r1 = train(make_cfg(photos, "train.steps=2", model="tiny-sd2"), tmp_path / "sd2", progress=False)
+    assert load_run_model(tmp_path / "sd2")[0].prediction_type == "v_prediction"
+    r2 = train(make_cfg(photos, "train.steps=2", "train.mode=lora", model="tiny-sdxl"),
+               tmp_path / "sdxl", progress=False)
+    for r in (r1, r2):
+        assert r.final.is_dir() and all(torch.isfinite(torch.tensor(m["loss"]))
+                                        for m in metrics(r.run_dir))
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(photos, tmp_path, monkeypatch):
+    import dreambooth.train as train_module
+
+    real = train_module.dreambooth_loss
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        parts = real(*a, **k)
+        if calls["n"] == 3:
+            parts.total = parts.total * float("nan")
+        return parts
+
+    monkeypatch.setattr(train_module, "dreambooth_loss", poisoned)
+    with pytest.raises(TrainingError, match=r"loss became nan at step 3.*step-000002"):
+        train(make_cfg(photos), tmp_path / "run", progress=False)
+    assert ckpt.latest_checkpoint(tmp_path / "run").name == "step-000002"
+
+
+def test_train_command_refuses_to_overwrite_and_leaves_photos_alone(photos, tmp_path, capsys):
+    from dreambooth.cli import main
+
+    before = {p.name: p.read_bytes() for p in photos.iterdir()}
+    args = ["train", "--images", str(photos), "--class", "toy", "--token", "zwx", "--model", "tiny",
+            "--preset", "tiny", "--set", "train.steps=2", "--set", "prior.num_images=2",
+            "--set", "prior.steps=2", "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main(args) == 0
+    assert main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in photos.iterdir()} == before
+    saved = build_config(config_file=str(tmp_path / "run/config.yaml"))
+    assert saved.data.token == "zwx" and saved.train.steps == 2
