@@ -269,16 +269,20 @@ def encode_prompts(model: BaseModel, prompts: list[str], device=None) -> dict[st
         "text_embeds": out_2.text_embeds, "time_ids": time_ids.repeat(len(prompts), 1)}}
 
 
-def select_rows(cond: dict[str, Any], index) -> dict[str, Any]:
-    """Rows ``index`` of every tensor in a conditioning dict (also inside added_cond_kwargs)."""
-    out: dict[str, Any] = {}
-    for k, v in cond.items():
-        out[k] = select_rows(v, index) if isinstance(v, dict) else v[index]
-    return out
-
-
 def concat_cond(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     return {k: concat_cond(v, b[k]) if isinstance(v, dict) else torch.cat([v, b[k]])
             for k, v in a.items()}
+
+
+def encode_latents(model: BaseModel, pixels, batch: int = 8):
+    """VAE latents of (N, 3, H, W) pixels in [-1, 1]: the posterior *mean* (deterministic, so it
+    can be computed once and cached) times ``vae.config.scaling_factor``; float32 on the CPU."""
+    import torch
+
+    vae = model.vae
+    with torch.no_grad():
+        out = [vae.encode(pixels[i:i + batch].to(vae.device, vae.dtype)).latent_dist.mean.float().cpu()
+               for i in range(0, len(pixels), batch)]
+    return torch.cat(out) * vae.config.scaling_factor

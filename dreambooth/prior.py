@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from dreambooth.config import Config
-from dreambooth.models import BaseModel
+from dreambooth.models import BaseModel, encode_latents
 
 FORMAT_VERSION = 1
 SEED_STRIDE = 1_000_003
@@ -177,12 +177,8 @@ def encode_images(model: BaseModel, paths: list[Path], resolution: int,
                 stored = json.loads((f.metadata() or {}).get("names", "[]"))
             if stored[:len(names)] == names:
                 return load_file(str(cache))["latents"][:len(names)]
-    vae = model.vae
-    out = []
-    for i in range(0, len(paths), batch):
-        pixels = torch.stack([to_tensor(load_image(p, resolution)) for p in paths[i:i + batch]])
-        out.append(vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean.float().cpu())
-    latents = torch.cat(out) * vae.config.scaling_factor
+    pixels = torch.stack([to_tensor(load_image(p, resolution)) for p in paths])
+    latents = encode_latents(model, pixels, batch)
     if cache is not None:
         _write_atomic(cache.parent, cache.name, lambda f: save_file(
             {"latents": latents.contiguous()}, str(f), metadata={"names": json.dumps(names)}))

@@ -23,7 +23,8 @@ from dreambooth import checkpoint as ckpt
 from dreambooth.config import Config, config_from_dict, save_config
 from dreambooth.errors import DreamboothError
 from dreambooth.loss import dreambooth_loss, min_snr_weights, offset_noise, snr, training_target
-from dreambooth.models import BaseModel, concat_cond, encode_prompts, load_base_model, select_rows
+from dreambooth.models import (BaseModel, concat_cond, encode_latents, encode_prompts,
+                               load_base_model)
 
 
 class TrainingError(DreamboothError):
@@ -100,15 +101,6 @@ def make_optimizer(cfg: Config, modules: dict[str, torch.nn.Module]) -> torch.op
                                 "pip install bitsandbytes") from None
         return bnb.optim.AdamW8bit(groups, **kwargs)
     return torch.optim.AdamW(groups, fused=torch.cuda.is_available(), **kwargs)
-
-
-@torch.no_grad()
-def encode_latents(model: BaseModel, pixels: torch.Tensor, batch: int = 8) -> torch.Tensor:
-    """VAE latents (distribution mean × scaling factor) of (N,3,H,W) pixels in [-1, 1]."""
-    vae = model.vae
-    out = [vae.encode(pixels[i:i + batch].to(vae.device, vae.dtype)).latent_dist.mean
-           for i in range(0, len(pixels), batch)]
-    return torch.cat(out).float() * vae.config.scaling_factor
 
 
 def instance_data(cfg: Config, model: BaseModel) -> tuple[torch.Tensor, list[str]]:

@@ -48,7 +48,7 @@ def fixed_loss(model, photos, prompt):
     """Noise-prediction loss on the subject's photos at fixed noise and timesteps."""
     from dreambooth.data import read_photos, square_crop, to_tensor
     from dreambooth.models import encode_prompts
-    from dreambooth.train import encode_latents
+    from dreambooth.models import encode_latents
 
     pixels = torch.stack([to_tensor(square_crop(p.image, 64)) for p in read_photos(photos, 64).photos])
     x0 = encode_latents(model, pixels)
