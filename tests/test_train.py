@@ -212,3 +212,31 @@ def test_train_command_refuses_to_overwrite_and_leaves_photos_alone(photos, tmp_
     assert {p.name: p.read_bytes() for p in photos.iterdir()} == before
     saved = build_config(config_file=str(tmp_path / "run/config.yaml"))
     assert saved.data.token == "zwx" and saved.train.steps == 2
+
+
+def test_only_the_newest_checkpoints_are_kept(photos, tmp_path):
+    train(make_cfg(photos, "train.steps=6", "train.keep_checkpoints=2"), tmp_path / "run", progress=False)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["step-000004", "step-000006"]
+    assert not list((tmp_path / "run/checkpoints").glob(".tmp-*"))
+
+
+def test_gradient_accumulation_matches_a_bigger_batch(photos, tmp_path):
+    # SGD-like Adam (huge eps) so that float rounding between batch shapes is not amplified.
+    sgd = ["train.adam_eps=1e3", "train.lr=1e3", "train.weight_decay=0", "train.steps=2"]
+    train(make_cfg(photos, *sgd, "train.batch_size=2"), tmp_path / "big", progress=False)
+    train(make_cfg(photos, *sgd, "train.batch_size=1", "train.grad_accum=2"), tmp_path / "acc",
+          progress=False)
+    big = weights_of(tmp_path / "big/checkpoints/step-000002")
+    acc = weights_of(tmp_path / "acc/checkpoints/step-000002")
+    from dreambooth.models import build_tiny
+
+    start = {f"unet.{k}": v for k, v in build_tiny().unet.state_dict().items()}
+    moved = max((big[k] - start[k]).abs().max().item() for k in big)
+    diff = max((big[k] - acc[k]).abs().max().item() for k in big)
+    assert diff < 1e-5 and moved > 100 * diff, (diff, moved)
+
+
+def test_trains_on_real_photos(dreambench, tmp_path):
+    result = train(make_cfg(dreambench / "dog", "train.steps=2"), tmp_path / "run", progress=False)
+    assert result.final.is_dir()
+    assert len(metrics(tmp_path / "run")) == 2

@@ -20,8 +20,8 @@ def paint_subject(folder: Path, count: int = 5, size: int = 64, seed: int = 0) -
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i in range(count):
-        bg = tuple(rng.randrange(60, 230) for _ in range(3))
+    for i in range(count):  # each photo gets its own background hue, so no two look alike
+        bg = tuple(int(60 + 170 * ((i / count + c / 3) % 1)) for c in range(3))
         img = Image.new("RGB", (size * 2, size * 2), bg)
         draw = ImageDraw.Draw(img)
         s = rng.randrange(size // 2, size)
