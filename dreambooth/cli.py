@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "tokens": "dreambooth.commands.tokens:tokens",
     "train": "dreambooth.commands.train:train",
     "demo": "dreambooth.commands.demo:demo",
+    "world": "dreambooth.commands.world:world",
 }
 
 # Parameter names that cannot be spelled as the flag users expect.

@@ -18,6 +18,7 @@ from typing import Any
 from dreambooth.errors import ModelError
 
 TINY_NAMES = ("tiny", "tiny-sd2", "tiny-sdxl")
+WORLD_MODEL = Path(__file__).parent / "world" / "model"  # the shipped self-trained base model
 EXPECTED = "model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/"
 
 
@@ -203,6 +204,11 @@ def check_model_folder(folder: Path) -> dict:
 
 def load_base_model(path: str, kind: str = "auto", prediction_type: str = "auto") -> BaseModel:
     """Load ``path`` (a local diffusers folder or a tiny name) for training or sampling."""
+    if path == "world":
+        path = str(WORLD_MODEL)
+        if not (WORLD_MODEL / "model_index.json").is_file():
+            raise ModelError(f"the world model is not in {WORLD_MODEL}: build it with "
+                             "`dreambooth world pretrain` (about 2 hours on a CPU)")
     if path in TINY_NAMES:
         model = build_tiny(path)
     else:
@@ -214,18 +220,22 @@ def load_base_model(path: str, kind: str = "auto", prediction_type: str = "auto"
         detected = _detect_kind(folder, index)
         if kind not in ("auto", detected):
             raise ModelError(f"{folder} looks like {detected}, but the config says model.kind={kind}")
+        import torch
+
         opts = dict(local_files_only=True)
+        fp32 = dict(opts, torch_dtype=torch.float32)  # weights stored in fp16 load as fp32
+        fp32_tf = dict(opts, dtype=torch.float32)
         extra = {}
         if detected == "sdxl":
             extra = dict(
                 text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
-                    folder, subfolder="text_encoder_2", **opts),
+                    folder, subfolder="text_encoder_2", **fp32_tf),
                 tokenizer_2=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2", **opts),
             )
         model = BaseModel(
-            unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **opts),
-            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", **opts),
-            text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **opts),
+            unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **fp32),
+            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", **fp32),
+            text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **fp32_tf),
             tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **opts),
             scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler", **opts),
             kind=detected, source=str(folder), **extra,

@@ -64,7 +64,8 @@ def launch_two_processes(run_dir, sets, cache, home):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
                "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-               "-m", "dreambooth", "train", "--out", str(run_dir), "--no-progress", *flags]
+               "-m", "dreambooth", "train", "--preset", "tiny", "--out", str(run_dir),
+               "--no-progress", *flags]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
         try:

@@ -1,0 +1,40 @@
+"""`dreambooth world pretrain`: build the offline base model from the procedural world."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+
+def world(action: str, out: str = "world-pretrain", vae_steps: int = 0, unet_steps: int = 0,
+          ship: bool = False) -> int:
+    """Build the self-trained "world" base model that `--model world` and the demo use.
+
+    `pretrain` trains a VAE, then a text encoder and UNet from scratch on rendered scenes
+    (resumable: run the same command again after a kill). `--ship` copies the result into the
+    package (dreambooth/world/model, fp16) with a record of how it was made.
+
+    Args:
+        action: pretrain
+        out: working folder for checkpoints, metrics and the finished model
+        vae_steps: VAE training steps (0: the default)
+        unet_steps: UNet + text encoder training steps (0: the default)
+        ship: copy the finished model into the package
+    """
+    from dreambooth.errors import DreamboothError
+    from dreambooth.models import WORLD_MODEL
+    from dreambooth.world.pretrain import PretrainConfig, pretrain
+
+    if action != "pretrain":
+        raise DreamboothError(f"unknown world action '{action}'; the action is: pretrain")
+    cfg = PretrainConfig()
+    cfg.vae_steps = vae_steps or cfg.vae_steps
+    cfg.unet_steps = unet_steps or cfg.unet_steps
+    final = pretrain(out, cfg)
+    print(f"world model: {final}")
+    if ship:
+        shutil.rmtree(WORLD_MODEL, ignore_errors=True)
+        shutil.copytree(final, WORLD_MODEL)
+        shutil.copy(Path(out) / "made.json", WORLD_MODEL / "made.json")
+        print(f"shipped into {WORLD_MODEL}")
+    return 0

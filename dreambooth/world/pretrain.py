@@ -1,0 +1,226 @@
+"""Pretrain the "world" base model from scratch on rendered scenes, on a CPU.
+
+Two stages, each resumable from its newest checkpoint in OUT/<stage>/checkpoints/:
+  1. vae   an AutoencoderKL (64x64 RGB <-> 16x16x4 latents) on the full color range,
+           reconstruction MSE + a small KL; PSNR on fresh renders is reported.
+  2. unet  a UNet2DConditionModel and a CLIPTextModel (real CLIP tokenizer) trained together
+           from scratch with the noise-prediction loss on frozen-VAE latents of a rendered pool;
+           10% of captions are dropped to "" so classifier-free guidance works.
+The result is a diffusers folder (fp16 on disk) that `--model world` and
+StableDiffusionPipeline.from_pretrained load. As in train.py, the randomness of step s is a
+function of (seed, s), so a resumed stage continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from dreambooth import checkpoint as ckpt
+from dreambooth.models import BaseModel
+
+RESOLUTION = 64
+
+
+@dataclass
+class PretrainConfig:
+    seed: int = 0
+    vae_steps: int = 1500
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    unet_steps: int = 6000
+    unet_batch: int = 48
+    unet_lr: float = 4e-4
+    warmup: int = 300
+    pool: int = 30000  # rendered scenes whose latents the UNet stage trains on
+    caption_dropout: float = 0.1
+    checkpoint_every: int = 250
+    text_hidden: int = 64
+    unet_channels: tuple[int, int, int] = (32, 64, 128)
+    max_tokens: int = 32  # world captions are short; pipelines pad prompts to this length
+
+
+def architecture(cfg: PretrainConfig) -> BaseModel:
+    """The untrained world model: diffusers/transformers classes at a CPU-friendly size."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from dreambooth.tokenizer import clip_tokenizer
+
+    torch.manual_seed(cfg.seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=RESOLUTION,
+        block_out_channels=(32, 32, 64), norm_num_groups=16, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        mid_block_add_attention=False)  # attention at 16x16 quadrupled the step time
+    h = cfg.text_hidden
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=h, intermediate_size=4 * h, num_attention_heads=1,
+        num_hidden_layers=3, max_position_embeddings=77, projection_dim=h,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_act="quick_gelu"))
+    c = cfg.unet_channels
+    unet = UNet2DConditionModel(
+        sample_size=RESOLUTION // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=c, norm_num_groups=16, cross_attention_dim=h, attention_head_dim=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
+    tokenizer = clip_tokenizer()
+    tokenizer.model_max_length = cfg.max_tokens
+    return BaseModel(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                     scheduler=scheduler, kind="sd1", source="world")
+
+
+def batch_pixels(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """n fresh renders of the pretraining distribution as (n,3,64,64) in [-1,1], with captions."""
+    from dreambooth.world.render import sample_pretraining
+
+    images, captions, _ = sample_pretraining(n, seed)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return x, captions
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB between images in [-1, 1]."""
+    mse = ((a.clamp(-1, 1) - b.clamp(-1, 1)) / 2).pow(2).mean().item()
+    return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+def _resume(folder: Path, named: dict[str, torch.nn.Module], optimizer, sched) -> int:
+    last = ckpt.latest_checkpoint(folder)
+    if last is None:
+        return 0
+    state = ckpt.load_checkpoint(last)
+    for name, module in named.items():
+        module.load_state_dict({k[len(name) + 1:]: v for k, v in state["weights"].items()
+                                if k.startswith(name + ".")})
+    optimizer.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["lr_scheduler"])
+    ckpt.set_rng_state(state["rng"])
+    print(f"resuming {folder.name} from {last.name}")
+    return state["state"]["step"]
+
+
+def _save(folder: Path, step: int, named, optimizer, sched, cfg, loss: float) -> None:
+    weights = {f"{n}.{k}": v for n, m in named.items() for k, v in m.state_dict().items()}
+    ckpt.save_checkpoint(folder, step, weights=weights, optimizer_state=optimizer.state_dict(),
+                         lr_scheduler_state=sched.state_dict(), state={"loss": loss},
+                         config_yaml=json.dumps(asdict(cfg)), keep=1)
+
+
+def _stage(name: str, out: Path, cfg: PretrainConfig, named: dict, steps: int, lr: float,
+           loss_fn, log) -> None:
+    """One resumable training stage: AdamW, warm-up + cosine, loss_fn(step) -> scalar loss."""
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    params = [p for m in named.values() for p in m.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup, steps // 10), steps)
+    folder = out / name  # checkpoints in OUT/<stage>/checkpoints/step-N
+    step = _resume(folder, named, optimizer, sched)
+    bar = tqdm(total=steps, initial=step, desc=name, unit="step", dynamic_ncols=True)
+    started, loss = time.perf_counter(), float("nan")
+    while step < steps:
+        loss_t = loss_fn(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss_t.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        sched.step()
+        step += 1
+        loss = loss_t.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if step % 50 == 0 or step == steps:
+            log({"stage": name, "step": step, "loss": loss, "lr": sched.get_last_lr()[0],
+                 "seconds": round(time.perf_counter() - started, 2)})
+        if step % cfg.checkpoint_every == 0 or step == steps:
+            _save(folder, step, named, optimizer, sched, cfg, loss)
+    bar.close()
+
+
+def pretrain(out: str | Path, cfg: PretrainConfig | None = None) -> Path:
+    """Run (or resume) both stages into ``out`` and write ``out/model`` (fp16 diffusers folder)."""
+    cfg = cfg or PretrainConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pretrain-config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    model = architecture(cfg)
+    metrics = out / "metrics.jsonl"
+
+    def log(record):
+        with metrics.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # Stage 1: the VAE.
+    vae = model.vae
+
+    def vae_loss(step: int) -> torch.Tensor:
+        x, _ = batch_pixels(cfg.vae_batch, seed=cfg.seed * 1_000_003 + step)
+        posterior = vae.encode(x).latent_dist
+        g = torch.Generator().manual_seed(cfg.seed * 7 + step)
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+        recon = vae.decode(z).sample
+        return torch.nn.functional.mse_loss(recon, x) + cfg.kl_weight * posterior.kl().mean()
+
+    _stage("vae", out, cfg, {"vae": vae}, cfg.vae_steps, cfg.vae_lr, vae_loss, log)
+    vae.eval().requires_grad_(False)
+    x, _ = batch_pixels(256, seed=10**9 + 1)  # fresh renders, never trained on
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean
+        vae_psnr = psnr(vae.decode(z).sample, x)
+        vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    print(f"VAE: PSNR {vae_psnr:.2f} dB on 256 fresh renders; latent scaling {vae.config.scaling_factor:.4f}")
+
+    # Stage 2: UNet + text encoder on a pool of frozen-VAE latents.
+    from dreambooth.models import encode_latents, tokenize
+
+    pool_x, pool_captions = [], []
+    for start in range(0, cfg.pool, 500):
+        px, caps = batch_pixels(min(500, cfg.pool - start), seed=2 * 10**9 + start)
+        pool_x.append(encode_latents(model, px, batch=100))
+        pool_captions += caps
+    latents = torch.cat(pool_x)
+    ids = tokenize(model.tokenizer, pool_captions)
+    empty = tokenize(model.tokenizer, [""])[0]
+    unet, te = model.unet, model.text_encoder
+
+    def unet_loss(step: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 10**7)
+        idx = torch.randint(0, len(latents), (cfg.unet_batch,), generator=g)
+        x0, tok = latents[idx], ids[idx].clone()
+        tok[torch.rand(cfg.unet_batch, generator=g) < cfg.caption_dropout] = empty
+        t = torch.randint(0, 1000, (cfg.unet_batch,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        noisy = model.scheduler.add_noise(x0, noise, t)
+        pred = unet(noisy, t, encoder_hidden_states=te(tok)[0]).sample
+        return torch.nn.functional.mse_loss(pred, noise)
+
+    _stage("unet", out, cfg, {"unet": unet, "text_encoder": te}, cfg.unet_steps, cfg.unet_lr,
+           unet_loss, log)
+
+    # Ship: fp16 diffusers folder + how it was made.
+    final = out / "model"
+    for m in (model.unet, model.vae, model.text_encoder):
+        m.eval().half()
+    ckpt.atomic_dir(final, lambda tmp: model.save(tmp))
+    for m in (model.unet, model.vae, model.text_encoder):
+        m.float()
+    losses = {}
+    for line in metrics.read_text().splitlines():
+        r = json.loads(line)
+        losses[r["stage"]] = r["loss"]
+    (out / "made.json").write_text(json.dumps({
+        "config": asdict(cfg), "vae_psnr_db": round(vae_psnr, 2), "final_losses": losses,
+        "parameters": {n: sum(p.numel() for p in m.parameters())
+                       for n, m in (("unet", model.unet), ("vae", model.vae),
+                                    ("text_encoder", model.text_encoder))}}, indent=1))
+    return final

@@ -1,0 +1,170 @@
+"""The procedural world (renderer, captions, held-out subjects) and its probe and metrics."""
+
+import math
+import random
+
+import numpy as np
+import pytest
+
+from dreambooth.world import render as W
+from dreambooth.world import probe as P
+
+
+def test_same_scene_same_pixels_and_same_seed_same_scenes():
+    scene = W.random_scene(random.Random(3), mark="cross")
+    a = W.render_array(scene)
+    W._shape_layers.cache_clear(), W._pattern_layer.cache_clear(), W._mark_layer.cache_clear()
+    assert np.array_equal(a, W.render_array(scene))
+    assert W.render(scene).size == (64, 64) and W.render(scene).mode == "RGB"
+    i1, c1, s1 = W.sample_pretraining(40, seed=5)
+    i2, c2, s2 = W.sample_pretraining(40, seed=5)
+    assert np.array_equal(i1, i2) and c1 == c2 and s1 == s2
+    assert i1.shape == (40, 64, 64, 3) and i1.dtype == np.uint8
+    assert W.sample_pretraining(40, seed=6)[2] != s1
+    # Background details follow the variant, so one background type is many pictures.
+    plain = W.Scene("ball", "red", background="grass")
+    assert not np.array_equal(W.render_array(plain), W.render_array(W.Scene("ball", "red", background="grass", variant=1)))
+
+
+def test_factor_coverage():
+    assert len(W.SHAPES) >= 6 and len(W.COLORS) >= 9 and len(W.PATTERNS) >= 4
+    assert len(W.BACKGROUNDS) >= 6 and W.MARKS[0] == "none" and len(W.MARKS) >= 4
+    assert set(W.BACKGROUND_PHRASES) == set(W.BACKGROUNDS)
+    scenes = W.sample_scenes(600, seed=1)
+    for factor, values in P.HEADS.items():
+        assert {getattr(s, factor) for s in scenes} == set(values), factor
+
+
+def test_shape_and_color_names_are_single_clip_tokens():
+    from dreambooth.tokenizer import clip_tokenizer
+
+    tok = clip_tokenizer()
+    for word in (*W.SHAPES, *W.COLORS, *W.BACKGROUNDS):
+        ids = tok(word, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1, (word, ids)
+
+
+def test_captions():
+    s = W.Scene("star", "red", "striped", "dot", "beach")
+    assert W.caption(s) == "a photo of a red striped star on the beach"
+    assert W.caption(W.Scene("star", "red", background="snow")) == "a photo of a red star in the snow"
+    assert W.caption(W.Scene("cup", "orange", "dotted", background="plain")) == \
+        "a photo of an orange dotted cup on a plain background"
+    assert W.caption(s, token="sks") == "a photo of sks star on the beach"
+    assert W.caption(s, token="sks", omit=("background",)) == "a photo of sks star"
+    assert W.caption(s, omit=("color", "background")) == "a photo of a striped star"
+    assert W.caption(s, omit=("color", "pattern", "background")) == "a photo of a star"
+    assert W.class_caption("star") == "a photo of a star"
+    assert W.class_caption("star", "water") == "a photo of a star on the water"
+    assert W.CLASS_PROMPT.format(**{"class": "bell"}) == W.class_caption("bell")
+    with pytest.raises(ValueError, match="mark"):
+        W.caption(s, omit=("mark",))
+    with pytest.raises(ValueError, match="one of"):
+        W.Scene("dog", "red")
+
+
+def test_objects_stay_inside_the_image():
+    rng = random.Random(0)
+    for _ in range(300):
+        s = W.random_scene(rng)
+        assert W.SIZE_RANGE[0] <= s.size <= W.SIZE_RANGE[1]
+        assert s.x - s.size / 2 >= W.MARGIN - 1e-9 and s.x + s.size / 2 <= 1 - W.MARGIN + 1e-9
+        assert s.y - s.size / 2 >= W.MARGIN - 1e-9 and s.y + s.size / 2 <= 1 - W.MARGIN + 1e-9
+
+
+def test_marks_move_with_the_object():
+    def mark_center(x):
+        a = W.render_array(W.Scene("box", "green", mark="dot", x=x, y=0.5))
+        b = W.render_array(W.Scene("box", "green", mark="none", x=x, y=0.5))
+        ys, xs = np.nonzero(np.abs(a.astype(int) - b).sum(-1) > 60)
+        assert len(xs) >= 16  # at least a 4x4 px mark
+        return xs.mean()
+
+    assert mark_center(0.7) - mark_center(0.3) == pytest.approx(0.4 * 64, abs=1.0)
+
+
+def test_held_out_combinations_never_pretrained_but_marks_are_unnamed():
+    _, captions, scenes = W.sample_pretraining(3000, seed=11)
+    assert not any(W.is_held_out(s) for s in scenes)
+    marked = sum(s.mark != "none" for s in scenes) / len(scenes)
+    assert 0.07 < marked < 0.13
+    assert not any(m in c.split() for c in captions for m in W.MARKS[1:])
+    assert "a photo of a star" in captions  # the class prompt is in-distribution
+    subjects = W.held_out_subjects()
+    assert len(subjects) >= 6 and all(s.mark != "none" for s in subjects)
+    assert len({s.shape for s in subjects}) == len(subjects)
+    # every factor of a held-out subject is seen, only the combination is not
+    for sub in subjects:
+        assert any(s.shape == sub.shape for s in scenes) and any(s.color == sub.color for s in scenes)
+        assert any(s.pattern == sub.pattern for s in scenes)
+
+
+def test_subject_photos_vary_pose_and_background_not_identity():
+    sub = W.held_out_subjects()[0]
+    photos = sub.photos(5, seed=0)
+    assert len(photos) == 5
+    scenes = [s for _, s in photos]
+    assert all((s.shape, s.color, s.pattern, s.mark) == (sub.shape, sub.color, sub.pattern, sub.mark)
+               for s in scenes)
+    assert len({(round(s.x, 3), round(s.y, 3), round(s.size, 3)) for s in scenes}) == 5
+    assert len({s.background for s in scenes}) >= 2
+    assert max(s.size for s in scenes) - min(s.size for s in scenes) > 0.1
+    assert np.array_equal(np.asarray(photos[0][0]), np.asarray(sub.photos(5, seed=0)[0][0]))
+    beach = sub.photos(3, seed=1, backgrounds=["beach"])
+    assert {s.background for _, s in beach} == {"beach"}
+
+
+def test_shipped_probe_reads_fresh_scenes():
+    probe = P.load_probe()
+    scenes = W.sample_scenes(300, seed=-2)  # training uses seeds >= 0, the json's eval uses -1
+    images = np.stack([W.render_array(s) for s in scenes])
+    readings = probe.read(images)
+    for factor in P.HEADS:
+        acc = np.mean([r[factor] == getattr(s, factor) for r, s in zip(readings, scenes)])
+        assert acc >= 0.98, (factor, acc)
+    err = np.mean([abs(r["x"] - s.x) + abs(r["y"] - s.y) for r, s in zip(readings, scenes)]) / 2
+    assert err * 64 < 2.0  # pixels
+    # PIL input gives the same readings as arrays
+    pil = probe.read([W.render(s) for s in scenes[:4]])
+    assert [r["shape"] for r in pil] == [r["shape"] for r in readings[:4]]
+    assert 0 < readings[0]["confidence"]["mark"] <= 1
+
+
+def _r(shape="star", color="red", pattern="plain", mark="dot", background="beach", x=0.5, y=0.5, size=0.3):
+    return dict(shape=shape, color=color, pattern=pattern, mark=mark, background=background, x=x, y=y, size=size)
+
+
+def test_metrics_on_hand_made_readings():
+    sub = W.Subject("star", "red", "plain", "dot")
+    readings = [_r(), _r(mark="none"), _r(color="blue", background="snow"), _r(background="snow")]
+    assert P.subject_fidelity(readings, sub) == 0.5
+    assert P.prompt_fidelity(readings, "beach") == 0.5
+    assert P.prompt_fidelity(readings, ["beach", "snow", "snow", "snow"]) == 0.75
+    dist = P.factor_distribution(readings, factors=("color", "background"))
+    assert dist["color"]["red"] == 0.75 and dist["color"]["blue"] == 0.25 and dist["color"]["green"] == 0
+    assert sum(dist["background"].values()) == 1 and dist["background"]["snow"] == 0.5
+    joint = P.joint_distribution(readings, ("color", "background"))
+    assert joint == {("red", "beach"): 0.5, ("blue", "snow"): 0.25, ("red", "snow"): 0.25}
+
+
+def test_tv_distance_exact():
+    assert P.tv_distance({"a": 0.5, "b": 0.5}, {"a": 0.5, "b": 0.5}) == 0
+    assert P.tv_distance({"a": 1.0}, {"b": 1.0}) == 1
+    assert P.tv_distance({"a": 0.5, "b": 0.5}, {"a": 0.25, "b": 0.25, "c": 0.5}) == pytest.approx(0.5)
+    a = [_r(color="red", background="beach"), _r(color="red", background="snow")]
+    b = [_r(color="red", background="snow"), _r(color="blue", background="beach")]
+    rep = P.tv_report(a, b, factors=("color", "background"))
+    assert rep["color"] == 0.5 and rep["background"] == 0 and rep["mean"] == 0.25
+    assert rep["joint"] == pytest.approx(0.5)  # {rb .5, rs .5} vs {rs .5, bb .5}
+
+
+def test_diversity():
+    same = [_r(), _r()]
+    assert P.diversity(same) == {"pose": 0.0, "background": 0.0}
+    spread = [_r(x=0.2, y=0.5, size=0.3, background="beach"), _r(x=0.8, y=0.5, size=0.3, background="snow"),
+              _r(x=0.5, y=0.9, size=0.3, background="grass")]
+    d = P.diversity(spread)
+    assert d["pose"] == pytest.approx((0.6 + 0.5 + 0.5) / 3)
+    assert d["background"] == pytest.approx(math.log(3) / math.log(6))
+    scenes = W.sample_scenes(200, seed=3)
+    assert 0.2 < P.diversity(scenes)["pose"] < 0.4  # Scenes work too; uniform poses ~0.3
