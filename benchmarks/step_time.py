@@ -63,8 +63,9 @@ def ours(cfg: Config, run_dir: Path) -> list[float]:
     return [b - a for a, b in zip([0.0] + cumulative, cumulative)]
 
 
-def plain(cfg: Config) -> list[float]:
-    """Per-step seconds of a loop in the style of diffusers' train_dreambooth.py (no caching)."""
+def plain(cfg: Config) -> tuple[list[float], dict[str, list[float]]]:
+    """Per-step seconds of a loop in the style of diffusers' train_dreambooth.py (no caching),
+    and per-step seconds of the parts that our loop does once: data, VAE, frozen text encoder."""
     from dreambooth.data import to_tensor
     from dreambooth.models import load_base_model, tokenize
     from dreambooth.prior import class_images, load_image
@@ -82,21 +83,24 @@ def plain(cfg: Config) -> list[float]:
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
                                   weight_decay=t.weight_decay, eps=t.adam_eps)
     vae, unet, text_encoder, noise_scheduler = model.vae, model.unet, model.text_encoder, model.scheduler
-    times = []
+    times, parts = [], {"data": [], "vae": [], "text encoder": []}
     for step in range(t.steps):
         started = time.perf_counter()
         # The example's Dataset + collate_fn: read and transform both images, tokenize both prompts.
         pixels = torch.stack([to_tensor(load_image(photos[step % len(photos)], d.resolution)),
                               to_tensor(load_image(prior[step % len(prior)], d.resolution))])
         input_ids = tokenize(model.tokenizer, [instance_prompt, class_prompt])
+        data_done = time.perf_counter()
         # The example's training step.
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+        vae_done = time.perf_counter()
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),))
         noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
         with torch.set_grad_enabled(t.train_text_encoder):
             encoder_hidden_states = text_encoder(input_ids)[0]
+        te_done = time.perf_counter()
         model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
         pred, pred_prior = model_pred.chunk(2)
         target, target_prior = noise.chunk(2)
@@ -106,7 +110,11 @@ def plain(cfg: Config) -> list[float]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - started)
-    return times
+        parts["data"].append(data_done - started)
+        parts["vae"].append(vae_done - data_done)
+        if not t.train_text_encoder:  # a trained text encoder runs every step in both loops
+            parts["text encoder"].append(te_done - vae_done)
+    return times, parts
 
 
 def main() -> None:
@@ -124,16 +132,22 @@ def main() -> None:
         photos = paint_subject(tmp / "photos", count=3)[0].parent
         print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), tiny model, 64 px, "
               f"batch 1 + 1 class image; median of {args.steps} steps after {args.warmup} warm-up")
-        rows = []
+        rows, breakdown = [], {}
         for i, (name, sets) in enumerate(MODES.items()):
             cfg = make_cfg(photos, args.warmup + args.steps, sets)
             ours_s = statistics.median(ours(cfg, tmp / f"run-{i}")[args.warmup:])
-            plain_s = statistics.median(plain(cfg)[args.warmup:])
+            plain_times, parts = plain(cfg)
+            plain_s = statistics.median(plain_times[args.warmup:])
             rows.append((name, ours_s, plain_s))
+            breakdown[name] = {k: statistics.median(v[args.warmup:]) for k, v in parts.items() if v}
         print(f"\n| {'mode':<20} | ours s/step | plain s/step | plain/ours |")
         print(f"| {'-' * 20} | ----------: | -----------: | ---------: |")
         for name, o, p in rows:
             print(f"| {name:<20} | {o:11.4f} | {p:12.4f} | {p / o:9.2f}x |")
+        print("\nPlain loop, median s/step of the parts ours does once (share of its step):")
+        for (name, _, p) in rows:
+            print(f"  {name:<20} " + ", ".join(f"{k} {v:.4f} ({v / p:.0%})"
+                                                for k, v in breakdown[name].items()))
 
 
 if __name__ == "__main__":

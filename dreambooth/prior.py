@@ -131,7 +131,10 @@ def _user_images(folder: Path, num_images: int, resolution: int) -> ClassImages:
 
 def vae_hash(vae) -> str:
     """Short hash of the VAE's config and a few of its weights (first and last four tensors)."""
-    h = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    # Keys starting with "_" are diffusers bookkeeping; one is a list built from a set, whose
+    # order changes with PYTHONHASHSEED, which made every process hash differently.
+    public = {k: v for k, v in vae.config.items() if not k.startswith("_")}
+    h = hashlib.sha256(json.dumps(public, sort_keys=True, default=str).encode())
     items = sorted(vae.state_dict().items())
     for name, t in items[:4] + items[-4:]:
         h.update(name.encode() + t.detach().float().cpu().numpy().tobytes()[: 1 << 16])

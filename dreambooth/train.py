@@ -183,9 +183,9 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
     class_prompt = cfg.data.class_prompt.format(**{"class": cfg.data.class_noun})
     use_prior = cfg.prior.enabled
     if use_prior:
-        with acc.main_process_first():  # one process generates the class images; the rest reuse them
+        with acc.main_process_first():  # one process generates and encodes; the rest reuse them
             prior_set = class_images(model, cfg, class_prompt, progress=progress and acc.is_main_process)
-        class_latents = encode_images(model, prior_set.paths, cfg.data.resolution, prior_set.folder)
+            class_latents = encode_images(model, prior_set.paths, cfg.data.resolution, prior_set.folder)
     modules = setup_trainable(model, cfg)
     if t.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()

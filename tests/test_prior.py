@@ -165,3 +165,15 @@ def test_encode_images_cache(model, tmp_path):
     other = build_tiny("tiny", seed=3)  # another VAE: another cache file, other latents
     assert not torch.equal(encode_images(other, out.paths, 64, out.folder), first)
     assert len(list(out.folder.glob("latents-*-64.safetensors"))) == 2
+
+
+def test_vae_hash_is_the_same_in_every_process():
+    """The latent cache is keyed by the VAE hash: it must not depend on PYTHONHASHSEED."""
+    import subprocess
+    import sys
+
+    code = "from dreambooth.models import build_tiny; from dreambooth.prior import vae_hash; print(vae_hash(build_tiny().vae))"
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**__import__("os").environ, "PYTHONHASHSEED": seed}).stdout.strip()
+            for seed in ("1", "2")}
+    assert len(outs) == 1, outs
