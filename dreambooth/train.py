@@ -53,6 +53,22 @@ def nth_of_shuffle(seed: int, n: int, k: int, stream: int) -> int:
     return int(torch.randperm(n, generator=g)[k % n])
 
 
+def draw_samples(halves, ks: list[int], seed: int, num_train_timesteps: int, noise_offset: float):
+    """Latents, noise, timesteps and prompts of global samples ``ks`` from each half in turn
+    (half 0: the subject's photos, half 1: class images). Each draw uses its own generator."""
+    latents, noise, tsteps, prompts = [], [], [], []
+    for stream, (source, source_prompts) in enumerate(halves):
+        for k in ks:
+            i = nth_of_shuffle(seed, len(source), k, stream)
+            g = torch.Generator().manual_seed(sample_seed(seed, k, stream))
+            tsteps.append(torch.randint(0, num_train_timesteps, (1,), generator=g))
+            n = torch.randn(source[i].shape, generator=g)
+            noise.append(offset_noise(n[None], noise_offset, g)[0])
+            latents.append(source[i])
+            prompts.append(source_prompts[i])
+    return torch.stack(latents), torch.stack(noise), torch.cat(tsteps), prompts
+
+
 # ------------------------------------------------------------------ setup pieces
 
 
@@ -229,6 +245,9 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
     end = t.steps if stop_after is None else min(t.steps, step + stop_after)
     bar = tqdm(total=t.steps, initial=step, disable=not (progress and acc.is_main_process),
                desc="train", unit="step", dynamic_ncols=True)
+    halves = [(inst_latents, inst_prompts)]  # the batch: instance half, then class half
+    if use_prior:
+        halves.append((class_latents, [class_prompt] * len(class_latents)))
     loss_value = float("nan")
     while step < end:
         started = time.perf_counter()
@@ -236,22 +255,8 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
         totals = torch.zeros(3, device=acc.device)
         for micro in range(accum):
             ks = [((step * accum + micro) * world + rank) * b + j for j in range(b)]
-            latents, noise, tsteps, prompts = [], [], [], []
-            halves = [(inst_latents, inst_prompts, 0)]
-            if use_prior:
-                halves.append((class_latents, [class_prompt] * len(class_latents), 1))
-            for source, source_prompts, stream in halves:
-                for k in ks:
-                    i = nth_of_shuffle(t.seed, len(source), k, stream)
-                    g = torch.Generator().manual_seed(sample_seed(t.seed, k, stream))
-                    tsteps.append(torch.randint(0, num_train_t, (1,), generator=g))
-                    n = torch.randn(source[i].shape, generator=g)
-                    noise.append(offset_noise(n[None], t.noise_offset, g)[0])
-                    latents.append(source[i])
-                    prompts.append(source_prompts[i])
-            x0 = torch.stack(latents).to(acc.device)
-            eps = torch.stack(noise).to(acc.device)
-            ts = torch.cat(tsteps).to(acc.device)
+            x0, eps, ts, prompts = draw_samples(halves, ks, t.seed, num_train_t, t.noise_offset)
+            x0, eps, ts = x0.to(acc.device), eps.to(acc.device), ts.to(acc.device)
             noisy = model.scheduler.add_noise(x0, eps, ts)
             target = training_target(model.prediction_type, x0, eps, ts, acp)
             with acc.autocast():

@@ -33,23 +33,27 @@ def paint_subject(folder: Path, count: int = 5, size: int = 64, seed: int = 0) -
     return paths
 
 
-def demo(out: str = "dreambooth-demo", model: str = "tiny", steps: int = 0, progress: bool = True) -> int:
-    """Run DreamBooth end to end, offline: paint photos of a subject, train with prior
-    preservation, then draw the subject in new prompts. Prints where everything went.
+def demo(out: str = "dreambooth-demo", model: str = "auto", steps: int = 0, progress: bool = True) -> int:
+    """Run DreamBooth end to end, offline: photos of a subject, training with prior
+    preservation, then the subject drawn in new prompts. Prints where everything went.
+
+    On the shipped world model (the default when present) the subject is a rendered object the
+    base model never saw, and the probes score the result; on `tiny` (a random model) the photos
+    are painted and the samples are noise: it shows the pipeline, not quality.
 
     Args:
         out: folder for the demo (photos/, run/); a previous demo there is replaced
-        model: base model: tiny (built in-process) or a local diffusers folder
+        model: auto (world if shipped, else tiny), world, tiny, or a local diffusers folder
         steps: training steps (0: the preset's)
         progress: show progress bars
     """
-    from dreambooth.checkpoint import load_run_model
     from dreambooth.config import build_config
-    from dreambooth.data import contact_sheet
     from dreambooth.errors import DreamboothError
-    from dreambooth.sample import generate
+    from dreambooth.models import WORLD_MODEL
     from dreambooth.train import train
 
+    if model == "auto":
+        model = "world" if (WORLD_MODEL / "model_index.json").is_file() else "tiny"
     root = Path(out)
     if root.exists() and any(root.iterdir()) and not (root / MARKER).exists():
         raise DreamboothError(f"{root} exists and is not a demo folder; pass --out NEW_FOLDER")
@@ -57,33 +61,88 @@ def demo(out: str = "dreambooth-demo", model: str = "tiny", steps: int = 0, prog
     root.mkdir(parents=True)
     (root / MARKER).write_text("made by `dreambooth demo`; safe to delete\n")
     started = time.perf_counter()
-
-    photos = paint_subject(root / "photos")
-    print(f"1/3 painted {len(photos)} photos of the subject in {root / 'photos'}")
     overrides = [f"train.steps={steps}"] if steps else []
-    cfg = build_config("tiny", overrides=overrides, extra={
-        "data.images": str(root / "photos"), "data.class_noun": "toy", "model.path": model})
+
+    if model == "world":
+        from dreambooth.world.render import held_out_subjects
+
+        subject = held_out_subjects()[0]
+        (root / "photos").mkdir()
+        for i, (image, _) in enumerate(subject.photos(5, seed=0)):
+            image.save(root / "photos" / f"photo-{i}.png")
+        noun, preset = subject.shape, "world"
+        print(f"1/3 rendered 5 photos of a {subject.color} {subject.pattern} {subject.shape} "
+              f"with a {subject.mark} mark (a combination the base model never saw) in {root / 'photos'}")
+    else:
+        photos = paint_subject(root / "photos")
+        noun, preset, subject = "toy", "tiny", None
+        print(f"1/3 painted {len(photos)} photos of the subject in {root / 'photos'}")
+    cfg = build_config(preset, overrides=overrides, extra={
+        "data.images": str(root / "photos"), "data.class_noun": noun, "model.path": model})
     run_dir = root / "run"
     result = train(cfg, run_dir, progress=progress)
     print(f"2/3 trained {result.step} steps with prior preservation (loss {result.loss:.4f})")
+    samples = run_dir / "samples" / "final"
+    samples.mkdir(parents=True, exist_ok=True)
+    sheet = samples / "contact-sheet.png"
+    if subject is not None:
+        report = _world_samples(run_dir, subject, samples, sheet)
+    else:
+        report = _plain_samples(run_dir, samples, sheet)
+    print(f"3/3 {report}")
+    token = result_token(run_dir)
+    print(f"\nidentifier: '{token}'   class: '{noun}'")
+    print(f"run directory: {run_dir}  (config.yaml, metrics.jsonl, checkpoints/, final/)")
+    print(f"samples:       {samples}  contact sheet: {sheet}")
+    print(f"took {time.perf_counter() - started:.0f} s.")
+    if subject is None:
+        print("The tiny base model is random, so its samples are noise; use --model world (after "
+              "`dreambooth world pretrain --ship`) or a real Stable Diffusion folder.")
+    return 0
+
+
+def result_token(run_dir: Path) -> str:
+    from dreambooth.config import load_config
+
+    return load_config(run_dir / "config.yaml").data.token
+
+
+def _plain_samples(run_dir: Path, samples: Path, sheet: Path) -> str:
+    from dreambooth.checkpoint import load_run_model
+    from dreambooth.data import contact_sheet
+    from dreambooth.sample import generate
 
     tuned, cfg = load_run_model(run_dir)
     prompts = [p.format(token=cfg.data.token, **{"class": cfg.data.class_noun}) for p in PROMPTS]
-    seeds = list(range(cfg.sample.num_images))
-    pairs = [(p, s) for p in prompts for s in seeds]
+    pairs = [(p, s) for p in prompts for s in range(cfg.sample.num_images)]
     images = generate(tuned, [p for p, _ in pairs], [s for _, s in pairs], steps=cfg.sample.steps,
                       guidance=cfg.sample.guidance, resolution=cfg.data.resolution,
                       scheduler=cfg.sample.scheduler)
-    samples = run_dir / "samples" / "final"
-    samples.mkdir(parents=True, exist_ok=True)
-    for n, (img, (prompt, seed)) in enumerate(zip(images, pairs)):
+    for n, (img, (_, seed)) in enumerate(zip(images, pairs)):
         img.save(samples / f"{n:02d}-seed{seed}.png")
-    sheet = samples / "contact-sheet.png"
     contact_sheet(images, [f"{p} (seed {s})" for p, s in pairs]).save(sheet)
-    print(f"3/3 sampled {len(images)} images for {len(prompts)} prompts")
-    print(f"\nidentifier: '{cfg.data.token}'   class: '{cfg.data.class_noun}'")
-    print(f"run directory: {run_dir}  (config.yaml, metrics.jsonl, checkpoints/, final/)")
-    print(f"samples:       {samples}  contact sheet: {sheet}")
-    print(f"took {time.perf_counter() - started:.0f} s. The tiny base model is random, so samples "
-          "are noise; point --model at a real Stable Diffusion folder for real pictures.")
-    return 0
+    return f"sampled {len(images)} images for {len(prompts)} prompts"
+
+
+def _world_samples(run_dir: Path, subject, samples: Path, sheet: Path) -> str:
+    import json
+
+    from dreambooth.checkpoint import load_run_model
+    from dreambooth.data import contact_sheet
+    from dreambooth.models import load_base_model
+    from dreambooth.world.score import score_world
+
+    tuned, cfg = load_run_model(run_dir)
+    scores = score_world(tuned, subject, cfg.data.token, base=load_base_model("world"),
+                         seeds=cfg.sample.num_images, steps=cfg.sample.steps,
+                         guidance=cfg.sample.guidance)
+    for n, (prompt, seed, img) in enumerate(scores.images):
+        img.save(samples / f"{n:02d}-seed{seed}.png")
+    contact_sheet([im for _, _, im in scores.images],
+                  [f"{p} (seed {s})" for p, s, _ in scores.images], cell=96).save(sheet)
+    (run_dir / "world-scores.json").write_text(json.dumps(scores.summary(), indent=1))
+    s = scores.summary()
+    return (f"sampled {len(scores.images)} images; probe scores: subject fidelity "
+            f"{s['subject_fidelity']:.0%}, prompt fidelity {s['prompt_fidelity']:.0%}, prior "
+            f"distance {s['prior_distance']['mean']:.3f} (0 = unchanged), written to "
+            f"{run_dir / 'world-scores.json'}")

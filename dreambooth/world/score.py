@@ -1,0 +1,73 @@
+"""Score DreamBooth on the world model with the probes (generation + reading + metrics).
+
+For a subject taught with identifier TOKEN and class noun SHAPE:
+  subject fidelity   fraction of "a photo of TOKEN SHAPE <context>" images whose shape, color,
+                     pattern and mark are the subject's
+  prompt fidelity    fraction of those whose background is the one the prompt asked for
+  prior distance     total variation between the factor distributions that the class prompt
+                     "a photo of a SHAPE" draws before and after fine-tuning (per factor, mean)
+  diversity          pose spread and background entropy of the subject prompt "a photo of TOKEN SHAPE"
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dreambooth.models import BaseModel
+from dreambooth.world.render import BACKGROUND_PHRASES, BACKGROUNDS, Subject
+
+
+def subject_prompts(token: str, shape: str) -> list[tuple[str, str | None]]:
+    """(prompt, background asked for): the plain subject prompt and one per background."""
+    plain = [(f"a photo of {token} {shape}", None)]
+    return plain + [(f"a photo of {token} {shape} {BACKGROUND_PHRASES[b]}", b) for b in BACKGROUNDS]
+
+
+@dataclass
+class WorldScores:
+    subject_fidelity: float
+    prompt_fidelity: float
+    prior_distance: dict[str, float]
+    diversity: dict[str, float]
+    images: list = field(default_factory=list, repr=False)  # (prompt, seed, PIL image)
+
+    def summary(self) -> dict:
+        return {"subject_fidelity": round(self.subject_fidelity, 4),
+                "prompt_fidelity": round(self.prompt_fidelity, 4),
+                "prior_distance": {k: round(v, 4) for k, v in self.prior_distance.items()},
+                "diversity": {k: round(v, 4) for k, v in self.diversity.items()}}
+
+
+def class_readings(model: BaseModel, shape: str, n: int, probe, steps: int = 25,
+                   guidance: float = 5.0, seed: int = 10_000, batch: int = 32) -> list[dict]:
+    from dreambooth.sample import generate
+
+    images = generate(model, [f"a photo of a {shape}"] * n, [seed + i for i in range(n)],
+                      steps=steps, guidance=guidance, batch_size=batch)
+    return probe.read(images)
+
+
+def score_world(tuned: BaseModel, subject: Subject, token: str, *, base: BaseModel | None = None,
+                base_readings: list[dict] | None = None, seeds: int = 4, class_samples: int = 200,
+                steps: int = 25, guidance: float = 5.0, probe=None) -> WorldScores:
+    """Generate and score; the base model's class readings may be passed in to reuse them."""
+    from dreambooth.sample import generate
+    from dreambooth.world.probe import diversity, load_probe, prompt_fidelity, subject_fidelity, tv_report
+
+    probe = probe or load_probe()
+    prompts = subject_prompts(token, subject.shape)
+    pairs = [(p, bg, s) for p, bg in prompts for s in range(seeds)]
+    images = generate(tuned, [p for p, _, _ in pairs], [s for _, _, s in pairs], steps=steps,
+                      guidance=guidance, batch_size=32)
+    readings = probe.read(images)
+    in_context = [(r, bg) for r, (_, bg, _) in zip(readings, pairs) if bg is not None]
+    plain = [r for r, (_, bg, _) in zip(readings, pairs) if bg is None]
+    if base_readings is None:
+        base_readings = class_readings(base, subject.shape, class_samples, probe, steps, guidance)
+    after = class_readings(tuned, subject.shape, class_samples, probe, steps, guidance)
+    return WorldScores(
+        subject_fidelity=subject_fidelity(readings, subject),
+        prompt_fidelity=prompt_fidelity([r for r, _ in in_context], [b for _, b in in_context]),
+        prior_distance=tv_report(after, base_readings, factors=("shape", "color", "pattern", "background")),
+        diversity=diversity(plain),
+        images=[(p, s, im) for (p, _, s), im in zip(pairs, images)])
