@@ -34,8 +34,9 @@ def paint_subject(folder: Path, count: int = 5, size: int = 64, seed: int = 0) -
 
 
 def demo(out: str = "dreambooth-demo", model: str = "auto", steps: int = 0, progress: bool = True) -> int:
-    """Run DreamBooth end to end, offline: photos of a subject, training with prior
-    preservation, then the subject drawn in new prompts. Prints where everything went.
+    """Run DreamBooth end to end, offline, and print where the run and its images are.
+
+    Photos of a subject, training with prior preservation, then the subject drawn in new prompts.
 
     On the shipped world model (the default when present) the subject is a rendered object the
     base model never saw, and the probes score the result; on `tiny` (a random model) the photos

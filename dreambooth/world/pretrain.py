@@ -40,6 +40,7 @@ class PretrainConfig:
     unet_lr: float = 4e-4
     warmup: int = 300
     pool: int = 30000  # rendered scenes whose latents the UNet stage trains on
+    calibration: int = 256  # fresh renders that set the latent scale and measure the VAE's PSNR
     caption_dropout: float = 0.1
     checkpoint_every: int = 250
     text_hidden: int = 64
@@ -92,6 +93,17 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB between images in [-1, 1]."""
     mse = ((a.clamp(-1, 1) - b.clamp(-1, 1)) / 2).pow(2).mean().item()
     return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+def calibrate_vae(vae, n: int = 256) -> float:
+    """Set the latent scaling factor to 1/std of the latents of n fresh renders (never trained
+    on), as Stable Diffusion's 0.18215 was chosen; return the VAE's PSNR on them."""
+    vae.eval().requires_grad_(False)
+    x, _ = batch_pixels(n, seed=10**9 + 1)
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean
+        vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+        return psnr(vae.decode(z).sample, x)
 
 
 def _resume(folder: Path, named: dict[str, torch.nn.Module], optimizer, sched) -> int:
@@ -173,12 +185,8 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None) -> Path:
 
     _stage("vae", out, cfg, {"vae": vae}, cfg.vae_steps, cfg.vae_lr, vae_loss, log)
     vae.eval().requires_grad_(False)
-    x, _ = batch_pixels(256, seed=10**9 + 1)  # fresh renders, never trained on
-    with torch.no_grad():
-        z = vae.encode(x).latent_dist.mean
-        vae_psnr = psnr(vae.decode(z).sample, x)
-        vae.register_to_config(scaling_factor=float(1.0 / z.std()))
-    print(f"VAE: PSNR {vae_psnr:.2f} dB on 256 fresh renders; latent scaling {vae.config.scaling_factor:.4f}")
+    vae_psnr = calibrate_vae(vae, cfg.calibration)
+    print(f"VAE: PSNR {vae_psnr:.2f} dB on {cfg.calibration} fresh renders; latent scaling {vae.config.scaling_factor:.4f}")
 
     # Stage 2: UNet + text encoder on a pool of frozen-VAE latents.
     from dreambooth.models import encode_latents, tokenize
@@ -224,3 +232,20 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None) -> Path:
                        for n, m in (("unet", model.unet), ("vae", model.vae),
                                     ("text_encoder", model.text_encoder))}}, indent=1))
     return final
+
+
+def load_partial(out: str | Path, cfg: PretrainConfig | None = None) -> BaseModel:
+    """The model as far as ``out``'s newest checkpoints have trained it (to inspect a run)."""
+    cfg = cfg or PretrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in
+                                   json.loads((Path(out) / "pretrain-config.json").read_text()).items()})
+    model = architecture(cfg)
+    for stage, named in (("vae", {"vae": model.vae}),
+                         ("unet", {"unet": model.unet, "text_encoder": model.text_encoder})):
+        last = ckpt.latest_checkpoint(Path(out) / stage)
+        if last is not None:
+            weights = ckpt.load_checkpoint(last)["weights"]
+            for name, module in named.items():
+                module.load_state_dict({k[len(name) + 1:]: v for k, v in weights.items()
+                                        if k.startswith(name + ".")})
+    calibrate_vae(model.vae, cfg.calibration)
+    return model

@@ -55,7 +55,7 @@ BACKGROUND_PHRASES = {
     "plain": "on a plain background",
 }
 FACTORS = ("shape", "color", "pattern", "mark", "background")
-SIZE_RANGE = (0.25, 0.5)  # object bounding-box side / image width
+SIZE_RANGE = (0.3, 0.5)  # object bounding-box side / image width (19-32 px at 64 px)
 MARGIN = 0.03  # the object (outline included) stays this far inside the image
 OUTLINE = (20, 20, 20)
 PRETRAIN_MARK_RATE = 0.1

@@ -71,3 +71,29 @@ def score_world(tuned: BaseModel, subject: Subject, token: str, *, base: BaseMod
         prior_distance=tv_report(after, base_readings, factors=("shape", "color", "pattern", "background")),
         diversity=diversity(plain),
         images=[(p, s, im) for (p, _, s), im in zip(pairs, images)])
+
+
+def base_accuracy(model: BaseModel, n: int = 200, seed: int = 7, steps: int = 25,
+                  guidance: float = 5.0, probe=None) -> dict[str, float]:
+    """How often the model draws what a full caption asks for: per factor (shape, color,
+    background, pattern) the fraction of images whose probe reading matches the caption, and
+    "all" for every factor at once. Captions name every factor (no held-out combination)."""
+    from dreambooth.sample import generate
+    from dreambooth.world.probe import load_probe
+    from dreambooth.world.render import caption, is_held_out, random_scene
+
+    import random
+
+    probe = probe or load_probe()
+    rng, scenes = random.Random(f"base-accuracy:{seed}"), []
+    while len(scenes) < n:
+        scene = random_scene(rng)
+        if not is_held_out(scene):
+            scenes.append(scene)
+    images = generate(model, [caption(s) for s in scenes], [seed + i for i in range(n)],
+                      steps=steps, guidance=guidance, batch_size=32)
+    readings = probe.read(images)
+    factors = ("shape", "color", "pattern", "background")
+    out = {f: sum(r[f] == getattr(s, f) for r, s in zip(readings, scenes)) / n for f in factors}
+    out["all"] = sum(all(r[f] == getattr(s, f) for f in factors) for r, s in zip(readings, scenes)) / n
+    return out
