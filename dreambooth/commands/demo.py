@@ -33,7 +33,8 @@ def paint_subject(folder: Path, count: int = 5, size: int = 64, seed: int = 0) -
     return paths
 
 
-def demo(out: str = "dreambooth-demo", model: str = "auto", steps: int = 0, progress: bool = True) -> int:
+def demo(out: str = "dreambooth-demo", model: str = "auto", steps: int = 0, quick: bool = False,
+         progress: bool = True) -> int:
     """Run DreamBooth end to end, offline, and print where the run and its images are.
 
     Photos of a subject, training with prior preservation, then the subject drawn in new prompts.
@@ -46,6 +47,7 @@ def demo(out: str = "dreambooth-demo", model: str = "auto", steps: int = 0, prog
         out: folder for the demo (photos/, run/); a previous demo there is replaced
         model: auto (world if shipped, else tiny), world, tiny, or a local diffusers folder
         steps: training steps (0: the preset's)
+        quick: fewer class images, samples and solver steps (a smoke test, e.g. in CI)
         progress: show progress bars
     """
     from dreambooth.config import build_config
@@ -63,6 +65,8 @@ def demo(out: str = "dreambooth-demo", model: str = "auto", steps: int = 0, prog
     (root / MARKER).write_text("made by `dreambooth demo`; safe to delete\n")
     started = time.perf_counter()
     overrides = [f"train.steps={steps}"] if steps else []
+    if quick:
+        overrides += ["prior.num_images=8", "prior.steps=8", "sample.num_images=1", "sample.steps=8"]
 
     if model == "world":
         from dreambooth.world.render import held_out_subjects
@@ -87,7 +91,7 @@ def demo(out: str = "dreambooth-demo", model: str = "auto", steps: int = 0, prog
     samples.mkdir(parents=True, exist_ok=True)
     sheet = samples / "contact-sheet.png"
     if subject is not None:
-        report = _world_samples(run_dir, subject, samples, sheet)
+        report = _world_samples(run_dir, subject, samples, sheet, n_class=16 if quick else 200)
     else:
         report = _plain_samples(run_dir, samples, sheet)
     print(f"3/3 {report}")
@@ -125,7 +129,7 @@ def _plain_samples(run_dir: Path, samples: Path, sheet: Path) -> str:
     return f"sampled {len(images)} images for {len(prompts)} prompts"
 
 
-def _world_samples(run_dir: Path, subject, samples: Path, sheet: Path) -> str:
+def _world_samples(run_dir: Path, subject, samples: Path, sheet: Path, n_class: int) -> str:
     import json
 
     from dreambooth.checkpoint import load_run_model
@@ -135,7 +139,7 @@ def _world_samples(run_dir: Path, subject, samples: Path, sheet: Path) -> str:
 
     tuned, cfg = load_run_model(run_dir)
     scores = score_world(tuned, subject, cfg.data.token, base=load_base_model("world"),
-                         seeds=cfg.sample.num_images, steps=cfg.sample.steps,
+                         seeds=cfg.sample.num_images, steps=cfg.sample.steps, n_class=n_class,
                          guidance=cfg.sample.guidance)
     for n, (prompt, seed, img) in enumerate(scores.images):
         img.save(samples / f"{n:02d}-seed{seed}.png")

@@ -30,6 +30,7 @@ class WorldScores:
     prior_distance: dict[str, float]
     diversity: dict[str, float]
     images: list = field(default_factory=list, repr=False)  # (prompt, seed, PIL image)
+    class_images: list = field(default_factory=list, repr=False)  # class prompt, after tuning
 
     def summary(self) -> dict:
         return {"subject_fidelity": round(self.subject_fidelity, 4),
@@ -38,17 +39,20 @@ class WorldScores:
                 "diversity": {k: round(v, 4) for k, v in self.diversity.items()}}
 
 
-def class_readings(model: BaseModel, shape: str, n: int, probe, steps: int = 25,
-                   guidance: float = 5.0, seed: int = 10_000, batch: int = 32) -> list[dict]:
+def class_samples(model: BaseModel, shape: str, n: int, probe, steps: int = 25,
+                  guidance: float = 5.0, seed: int = 10_000, batch: int = 32) -> tuple[list, list]:
+    """(readings, images) of the class prompt "a photo of a SHAPE" for seeds seed..seed+n-1.
+    The same seeds before and after fine-tuning pair the samples: an unchanged model reads the
+    same, so the distance measures the change rather than sampling noise."""
     from dreambooth.sample import generate
 
     images = generate(model, [f"a photo of a {shape}"] * n, [seed + i for i in range(n)],
                       steps=steps, guidance=guidance, batch_size=batch)
-    return probe.read(images)
+    return probe.read(images), images
 
 
 def score_world(tuned: BaseModel, subject: Subject, token: str, *, base: BaseModel | None = None,
-                base_readings: list[dict] | None = None, seeds: int = 4, class_samples: int = 200,
+                base_readings: list[dict] | None = None, seeds: int = 4, n_class: int = 200,
                 steps: int = 25, guidance: float = 5.0, probe=None) -> WorldScores:
     """Generate and score; the base model's class readings may be passed in to reuse them."""
     from dreambooth.sample import generate
@@ -63,14 +67,14 @@ def score_world(tuned: BaseModel, subject: Subject, token: str, *, base: BaseMod
     in_context = [(r, bg) for r, (_, bg, _) in zip(readings, pairs) if bg is not None]
     plain = [r for r, (_, bg, _) in zip(readings, pairs) if bg is None]
     if base_readings is None:
-        base_readings = class_readings(base, subject.shape, class_samples, probe, steps, guidance)
-    after = class_readings(tuned, subject.shape, class_samples, probe, steps, guidance)
+        base_readings, _ = class_samples(base, subject.shape, n_class, probe, steps, guidance)
+    after, after_images = class_samples(tuned, subject.shape, n_class, probe, steps, guidance)
     return WorldScores(
         subject_fidelity=subject_fidelity(readings, subject),
         prompt_fidelity=prompt_fidelity([r for r, _ in in_context], [b for _, b in in_context]),
         prior_distance=tv_report(after, base_readings, factors=("shape", "color", "pattern", "background")),
         diversity=diversity(plain),
-        images=[(p, s, im) for (p, _, s), im in zip(pairs, images)])
+        images=[(p, s, im) for (p, _, s), im in zip(pairs, images)], class_images=after_images)
 
 
 def base_accuracy(model: BaseModel, n: int = 200, seed: int = 7, steps: int = 25,

@@ -1,0 +1,90 @@
+"""DreamBooth quality on the world model, measured with the probes (docs/world.md).
+
+    OMP_NUM_THREADS=1 python benchmarks/world_quality.py --out docs/world
+
+1. Base model: how often full captions draw the asked shape / color / pattern / background.
+2. For each evaluation subject (held-out combinations; subject 0 is the demo's and was used
+   while choosing the world preset, so it is reported apart): train with prior preservation and
+   without, then score subject fidelity, prompt fidelity, prior distance (class prompt before vs
+   after, same seeds) and diversity. Writes results.json and contact sheets into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="docs/world")
+    ap.add_argument("--subjects", default="1,2,3", help="indices into held_out_subjects()")
+    ap.add_argument("--steps", type=int, default=0, help="training steps (0: the world preset's)")
+    ap.add_argument("--class-samples", type=int, default=400)
+    ap.add_argument("--base-samples", type=int, default=200)
+    ap.add_argument("--model", default="world")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+    from dreambooth.checkpoint import load_run_model
+    from dreambooth.config import build_config
+    from dreambooth.data import contact_sheet
+    from dreambooth.models import load_base_model
+    from dreambooth.train import train
+    from dreambooth.world.probe import load_probe, tv_report
+    from dreambooth.world.render import held_out_subjects
+    from dreambooth.world.score import base_accuracy, class_samples, score_world
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    probe, base = load_probe(), load_base_model(args.model)
+    started = time.perf_counter()
+    results = {"command": "python " + " ".join(sys.argv), "base_accuracy":
+               base_accuracy(base, n=args.base_samples, probe=probe), "subjects": {}}
+    print("base model:", json.dumps(results["base_accuracy"]))
+    work = Path(tempfile.mkdtemp(prefix="world-quality-"))
+    for index in [int(i) for i in args.subjects.split(",")]:
+        subject = held_out_subjects()[index]
+        photos = work / subject.name / "photos"
+        photos.mkdir(parents=True)
+        for i, (image, _) in enumerate(subject.photos(5, seed=0)):
+            image.save(photos / f"photo-{i}.png")
+        n = args.class_samples
+        before, before_images = class_samples(base, subject.shape, n, probe)
+        other_seeds, _ = class_samples(base, subject.shape, n, probe, seed=99_000)
+        row = {"noise_floor_unpaired": round(tv_report(other_seeds, before)["mean"], 4)}
+        sheets = [(f"base: a photo of a {subject.shape}", im) for im in before_images[:6]]
+        for label, sets in (("prior", []), ("no-prior", ["prior.enabled=false"])):
+            sets = sets + ([f"train.steps={args.steps}"] if args.steps else [])
+            cfg = build_config("world", overrides=sets, extra={
+                "data.images": str(photos), "data.class_noun": subject.shape, "model.path": args.model})
+            run_dir = work / subject.name / label
+            train(cfg, run_dir, progress=False)
+            tuned, cfg = load_run_model(run_dir)
+            s = score_world(tuned, subject, cfg.data.token, base_readings=before, n_class=n,
+                            probe=probe)
+            row[label] = s.summary()
+            print(subject.name, label, json.dumps(row[label]))
+            sheets += [(f"{label}: {p}", im) for p, seed, im in s.images if seed < 2]
+            sheets += [(f"{label}: a photo of a {subject.shape}", im) for im in s.class_images[:6]]
+        results["subjects"][subject.name] = row
+        contact_sheet([im for _, im in sheets], [t for t, _ in sheets], cell=96).save(
+            out / f"{subject.name}.png")
+    results["seconds"] = round(time.perf_counter() - started)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"wrote {out / 'results.json'} in {results['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

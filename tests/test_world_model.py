@@ -1,0 +1,41 @@
+"""The shipped world model: loads with diffusers, draws what it is asked, and runs the demo."""
+
+import json
+
+import pytest
+
+from dreambooth.models import WORLD_MODEL
+
+pytestmark = pytest.mark.skipif(not (WORLD_MODEL / "model_index.json").is_file(),
+                                reason=f"no world model shipped in {WORLD_MODEL}")
+
+
+def test_loads_with_diffusers_and_records_how_it_was_made():
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(WORLD_MODEL, local_files_only=True)
+    assert pipe.unet.config.sample_size * 4 == 64
+    made = json.loads((WORLD_MODEL / "made.json").read_text())
+    assert {"command", "config", "vae_psnr_db", "final_losses"} <= set(made)
+    size = sum(f.stat().st_size for f in WORLD_MODEL.rglob("*") if f.is_file())
+    assert size <= 40 * 2**20
+
+
+def test_class_prompts_pass_a_quick_probe_check():
+    from dreambooth.models import load_base_model
+    from dreambooth.world.score import base_accuracy
+
+    acc = base_accuracy(load_base_model("world"), n=24, steps=15)
+    assert acc["shape"] >= 0.75 and acc["background"] >= 0.75, acc
+
+
+def test_quick_demo_on_the_world_model(tmp_path, monkeypatch, capsys):
+    from dreambooth.cli import main
+
+    monkeypatch.setenv("DREAMBOOTH_CACHE", str(tmp_path / "cache"))
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--model", "world", "--steps", "20",
+                 "--quick", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "probe scores: subject fidelity" in out
+    scores = json.loads((tmp_path / "demo/run/world-scores.json").read_text())
+    assert 0 <= scores["subject_fidelity"] <= 1
