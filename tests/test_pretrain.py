@@ -27,6 +27,9 @@ def test_pretrain_writes_a_loadable_fp16_model(tmp_path):
     with safe_open(str(final / "unet/diffusion_pytorch_model.safetensors"), "pt") as f:
         assert f.get_tensor("conv_in.weight").dtype == torch.float16  # shipped in fp16
     pipe = StableDiffusionPipeline.from_pretrained(final, local_files_only=True)
+    before = (final / "unet/diffusion_pytorch_model.safetensors").read_bytes()
+    pt.pretrain(tmp_path / "w", pt.PretrainConfig(**SMALL))  # finished: re-exports, trains nothing
+    assert (final / "unet/diffusion_pytorch_model.safetensors").read_bytes() == before
     assert pipe.tokenizer.model_max_length == 32
     assert pipe.vae.config.scaling_factor != 0.18215  # calibrated on the world's latents
 

@@ -33,8 +33,13 @@ def world(action: str, out: str = "world-pretrain", vae_steps: int = 0, unet_ste
     final = pretrain(out, cfg)
     print(f"world model: {final}")
     if ship:
+        import json
+
+        made = json.loads((Path(out) / "made.json").read_text())
+        made["command"] = (f"dreambooth world pretrain --out {out} --vae-steps {cfg.vae_steps} "
+                           f"--unet-steps {cfg.unet_steps} --ship")
         shutil.rmtree(WORLD_MODEL, ignore_errors=True)
         shutil.copytree(final, WORLD_MODEL)
-        shutil.copy(Path(out) / "made.json", WORLD_MODEL / "made.json")
+        (WORLD_MODEL / "made.json").write_text(json.dumps(made, indent=1))
         print(f"shipped into {WORLD_MODEL}")
     return 0

@@ -191,21 +191,25 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None) -> Path:
     # Stage 2: UNet + text encoder on a pool of frozen-VAE latents.
     from dreambooth.models import encode_latents, tokenize
 
-    pool_x, pool_captions = [], []
-    for start in range(0, cfg.pool, 500):
-        px, caps = batch_pixels(min(500, cfg.pool - start), seed=2 * 10**9 + start)
-        pool_x.append(encode_latents(model, px, batch=100))
-        pool_captions += caps
-    latents = torch.cat(pool_x)
-    ids = tokenize(model.tokenizer, pool_captions)
-    empty = tokenize(model.tokenizer, [""])[0]
     unet, te = model.unet, model.text_encoder
+    pool: dict[str, torch.Tensor] = {}  # rendered on the first step: a finished stage needs none
+
+    def build_pool() -> None:
+        latents, captions = [], []
+        for start in range(0, cfg.pool, 500):
+            px, caps = batch_pixels(min(500, cfg.pool - start), seed=2 * 10**9 + start)
+            latents.append(encode_latents(model, px, batch=100))
+            captions += caps
+        pool.update(latents=torch.cat(latents), ids=tokenize(model.tokenizer, captions),
+                    empty=tokenize(model.tokenizer, [""])[0])
 
     def unet_loss(step: int) -> torch.Tensor:
+        if not pool:
+            build_pool()
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 10**7)
-        idx = torch.randint(0, len(latents), (cfg.unet_batch,), generator=g)
-        x0, tok = latents[idx], ids[idx].clone()
-        tok[torch.rand(cfg.unet_batch, generator=g) < cfg.caption_dropout] = empty
+        idx = torch.randint(0, len(pool["latents"]), (cfg.unet_batch,), generator=g)
+        x0, tok = pool["latents"][idx], pool["ids"][idx].clone()
+        tok[torch.rand(cfg.unet_batch, generator=g) < cfg.caption_dropout] = pool["empty"]
         t = torch.randint(0, 1000, (cfg.unet_batch,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
         noisy = model.scheduler.add_noise(x0, noise, t)
