@@ -62,7 +62,7 @@ def test_unknown_preset():
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = build_config("sd15-lora", overrides=["data.token=zwx", "data.class_noun=dog", "train.seed=1"])
+    cfg = build_config("sd15-lora", overrides=["data.token=waj", "data.class_noun=dog", "train.seed=1"])
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
     data = yaml.safe_load((tmp_path / "config.yaml").read_text())

@@ -26,7 +26,7 @@ STEPS = 3
 # lr-sized updates (measured with real Adam, lr=1e-3, full mode: max weight diff 2.2e-4 after
 # 3 steps). A huge eps makes the update lr/eps * gradient = plain SGD with step 1, so the weight
 # difference measures the gradients' difference. weight_decay=0: lr=1e3 would scale it too.
-SETS = ["data.class_noun=toy", "data.token=zwx", "prior.enabled=true", "prior.num_images=4",
+SETS = ["data.class_noun=toy", "data.token=waj", "prior.enabled=true", "prior.num_images=4",
         "prior.steps=2", f"train.steps={STEPS}", f"train.checkpoint_every={STEPS}",
         "train.adam_eps=1e3", "train.lr=1e3", "train.weight_decay=0", "train.seed=3"]
 # Measured on the 2-core CPU box (torch 2.13.0): max |weight diff| 1.2e-7 (full), 3.0e-8 (LoRA);

@@ -25,7 +25,7 @@ def cache(tmp_path, monkeypatch):
 
 def make_cfg(photos, *sets, model="tiny"):
     return build_config("tiny", overrides=[
-        f"data.images={photos}", "data.class_noun=toy", "data.token=zwx", f"model.path={model}",
+        f"data.images={photos}", "data.class_noun=toy", "data.token=waj", f"model.path={model}",
         "prior.num_images=4", "prior.steps=2", "train.steps=4", "train.checkpoint_every=2",
         "train.keep_checkpoints=5", *sets])
 
@@ -68,10 +68,10 @@ def test_loss_decreases_on_the_subject(photos, tmp_path):
     from dreambooth.models import build_tiny
 
     cfg = make_cfg(photos, "train.steps=40", "train.checkpoint_every=100", "prior.enabled=false")
-    before = fixed_loss(build_tiny(), photos, "a photo of zwx toy")
+    before = fixed_loss(build_tiny(), photos, "a photo of waj toy")
     train(cfg, tmp_path / "run", progress=False)
     model, _ = load_run_model(tmp_path / "run")
-    after = fixed_loss(model, photos, "a photo of zwx toy")
+    after = fixed_loss(model, photos, "a photo of waj toy")
     assert after < 0.8 * before, (before, after)
     logged = metrics(tmp_path / "run")
     assert [m["step"] for m in logged] == list(range(1, 41))
@@ -145,7 +145,7 @@ def test_full_final_is_a_diffusers_folder(photos, tmp_path):
     train(make_cfg(photos, "train.steps=2"), tmp_path / "run", progress=False)
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "run/final", local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    out = pipe("a photo of zwx toy", num_inference_steps=2, height=64, width=64, output_type="np",
+    out = pipe("a photo of waj toy", num_inference_steps=2, height=64, width=64, output_type="np",
                generator=torch.Generator().manual_seed(0)).images
     assert out.shape == (1, 64, 64, 3) and 0 <= out.min() <= out.max() <= 1
     assert (tmp_path / "run/final/config.yaml").is_file()
@@ -162,7 +162,7 @@ def test_lora_final_loads_into_the_base_pipeline(photos, tmp_path):
     base.set_progress_bar_config(disable=True)
 
     def draw():
-        return base("a photo of zwx toy", num_inference_steps=2, height=64, width=64,
+        return base("a photo of waj toy", num_inference_steps=2, height=64, width=64,
                     output_type="np", generator=torch.Generator().manual_seed(0)).images
 
     before = draw()
@@ -203,7 +203,7 @@ def test_train_command_refuses_to_overwrite_and_leaves_photos_alone(photos, tmp_
     from dreambooth.cli import main
 
     before = {p.name: p.read_bytes() for p in photos.iterdir()}
-    args = ["train", "--images", str(photos), "--class", "toy", "--token", "zwx", "--model", "tiny",
+    args = ["train", "--images", str(photos), "--class", "toy", "--token", "waj", "--model", "tiny",
             "--preset", "tiny", "--set", "train.steps=2", "--set", "prior.num_images=2",
             "--set", "prior.steps=2", "--out", str(tmp_path / "run"), "--no-progress"]
     assert main(args) == 0
@@ -211,7 +211,7 @@ def test_train_command_refuses_to_overwrite_and_leaves_photos_alone(photos, tmp_
     assert "already holds a run" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in photos.iterdir()} == before
     saved = build_config(config_file=str(tmp_path / "run/config.yaml"))
-    assert saved.data.token == "zwx" and saved.train.steps == 2
+    assert saved.data.token == "waj" and saved.train.steps == 2
 
 
 def test_only_the_newest_checkpoints_are_kept(photos, tmp_path):
