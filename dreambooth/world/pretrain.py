@@ -46,6 +46,10 @@ class PretrainConfig:
     text_hidden: int = 64
     unet_channels: tuple[int, int, int] = (32, 64, 128)
     max_tokens: int = 32  # world captions are short; pipelines pad prompts to this length
+    # Object size range of the pretraining renders. The shipped model was trained with 0.25-0.50;
+    # the renderer's default became 0.30-0.50 afterwards (the probe reads patterns better), so
+    # the pretraining range is pinned here to keep `world pretrain` reproducible.
+    size_range: tuple[float, float] = (0.25, 0.5)
 
 
 def architecture(cfg: PretrainConfig) -> BaseModel:
@@ -80,11 +84,11 @@ def architecture(cfg: PretrainConfig) -> BaseModel:
                      scheduler=scheduler, kind="sd1", source="world")
 
 
-def batch_pixels(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+def batch_pixels(n: int, seed: int, size_range: tuple[float, float]) -> tuple[torch.Tensor, list[str]]:
     """n fresh renders of the pretraining distribution as (n,3,64,64) in [-1,1], with captions."""
     from dreambooth.world.render import sample_pretraining
 
-    images, captions, _ = sample_pretraining(n, seed)
+    images, captions, _ = sample_pretraining(n, seed, size_range=tuple(size_range))
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return x, captions
 
@@ -95,11 +99,11 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * math.log10(1.0 / max(mse, 1e-12))
 
 
-def calibrate_vae(vae, n: int = 256) -> float:
+def calibrate_vae(vae, n: int, size_range: tuple[float, float]) -> float:
     """Set the latent scaling factor to 1/std of the latents of n fresh renders (never trained
     on), as Stable Diffusion's 0.18215 was chosen; return the VAE's PSNR on them."""
     vae.eval().requires_grad_(False)
-    x, _ = batch_pixels(n, seed=10**9 + 1)
+    x, _ = batch_pixels(n, 10**9 + 1, size_range)
     with torch.no_grad():
         z = vae.encode(x).latent_dist.mean
         vae.register_to_config(scaling_factor=float(1.0 / z.std()))
@@ -176,7 +180,7 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None) -> Path:
     vae = model.vae
 
     def vae_loss(step: int) -> torch.Tensor:
-        x, _ = batch_pixels(cfg.vae_batch, seed=cfg.seed * 1_000_003 + step)
+        x, _ = batch_pixels(cfg.vae_batch, cfg.seed * 1_000_003 + step, cfg.size_range)
         posterior = vae.encode(x).latent_dist
         g = torch.Generator().manual_seed(cfg.seed * 7 + step)
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
@@ -185,7 +189,7 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None) -> Path:
 
     _stage("vae", out, cfg, {"vae": vae}, cfg.vae_steps, cfg.vae_lr, vae_loss, log)
     vae.eval().requires_grad_(False)
-    vae_psnr = calibrate_vae(vae, cfg.calibration)
+    vae_psnr = calibrate_vae(vae, cfg.calibration, cfg.size_range)
     print(f"VAE: PSNR {vae_psnr:.2f} dB on {cfg.calibration} fresh renders; latent scaling {vae.config.scaling_factor:.4f}")
 
     # Stage 2: UNet + text encoder on a pool of frozen-VAE latents.
@@ -197,7 +201,7 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None) -> Path:
     def build_pool() -> None:
         latents, captions = [], []
         for start in range(0, cfg.pool, 500):
-            px, caps = batch_pixels(min(500, cfg.pool - start), seed=2 * 10**9 + start)
+            px, caps = batch_pixels(min(500, cfg.pool - start), 2 * 10**9 + start, cfg.size_range)
             latents.append(encode_latents(model, px, batch=100))
             captions += caps
         pool.update(latents=torch.cat(latents), ids=tokenize(model.tokenizer, captions),
@@ -251,5 +255,5 @@ def load_partial(out: str | Path, cfg: PretrainConfig | None = None) -> BaseMode
             for name, module in named.items():
                 module.load_state_dict({k[len(name) + 1:]: v for k, v in weights.items()
                                         if k.startswith(name + ".")})
-    calibrate_vae(model.vae, cfg.calibration)
+    calibrate_vae(model.vae, cfg.calibration, cfg.size_range)
     return model

@@ -188,7 +188,7 @@ CLASS_PROMPT = "a photo of a {class}"
 
 # ---------------------------------------------------------------- sampling
 
-def random_scene(rng: random.Random, **fixed) -> Scene:
+def random_scene(rng: random.Random, size_range: tuple[float, float] = SIZE_RANGE, **fixed) -> Scene:
     """A scene with every factor drawn uniformly except those given; ``mark`` defaults to "none"
     (ordinary objects). Position keeps the whole object inside the image."""
     names = {f.name for f in fields(Scene)}
@@ -199,7 +199,7 @@ def random_scene(rng: random.Random, **fixed) -> Scene:
     color = fixed.get("color") or rng.choice(tuple(COLORS))
     pattern = fixed.get("pattern") or rng.choice(PATTERNS)
     background = fixed.get("background") or rng.choice(BACKGROUNDS)
-    size = fixed.get("size") or rng.uniform(*SIZE_RANGE)
+    size = fixed.get("size") or rng.uniform(*size_range)
     lo, hi = size / 2 + MARGIN, 1 - size / 2 - MARGIN
     x = fixed["x"] if "x" in fixed else rng.uniform(lo, hi)
     y = fixed["y"] if "y" in fixed else rng.uniform(lo, hi)
@@ -208,7 +208,8 @@ def random_scene(rng: random.Random, **fixed) -> Scene:
 
 
 def sample_pretraining(n: int, seed: int, size: int = 64, mark_rate: float = PRETRAIN_MARK_RATE,
-                       drop: float = PRETRAIN_DROP) -> tuple[np.ndarray, list[str], list[Scene]]:
+                       drop: float = PRETRAIN_DROP, size_range: tuple[float, float] = SIZE_RANGE,
+                       ) -> tuple[np.ndarray, list[str], list[Scene]]:
     """n scenes of the pretraining distribution: uint8 images (n, size, size, 3), captions, scenes.
 
     Factors are uniform, held-out (shape, color, pattern) triples are redrawn, ``mark_rate`` of
@@ -220,9 +221,9 @@ def sample_pretraining(n: int, seed: int, size: int = 64, mark_rate: float = PRE
     captions, scenes = [], []
     for i in range(n):
         mark = rng.choice(MARKS[1:]) if rng.random() < mark_rate else "none"
-        scene = random_scene(rng, mark=mark)
+        scene = random_scene(rng, size_range, mark=mark)
         while is_held_out(scene):
-            scene = random_scene(rng, mark=mark)
+            scene = random_scene(rng, size_range, mark=mark)
         omit = [f for f in ("color", "pattern", "background") if rng.random() < drop]
         images[i] = render_array(scene, size)
         captions.append(caption(scene, omit=omit))
