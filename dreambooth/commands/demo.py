@@ -91,7 +91,7 @@ def demo(out: str = "dreambooth-demo", model: str = "auto", steps: int = 0, quic
     samples.mkdir(parents=True, exist_ok=True)
     sheet = samples / "contact-sheet.png"
     if subject is not None:
-        report = _world_samples(run_dir, subject, samples, sheet, n_class=16 if quick else 200)
+        report = _world_samples(run_dir, subject, samples, sheet, n_class=16 if quick else 100)
     else:
         report = _plain_samples(run_dir, samples, sheet)
     print(f"3/3 {report}")
