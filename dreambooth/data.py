@@ -108,6 +108,15 @@ def _load(path: Path) -> tuple[Photo | None, str | None]:
     return Photo(path, rgb, None, notes + conv, size, mode), None
 
 
+def load_photo(path: str | Path) -> Photo:
+    """One image file as an upright RGB ``Photo`` (no caption); InputError saying what to do when
+    it cannot be used."""
+    photo, problem = _load(Path(path))
+    if problem:
+        raise InputError(problem)
+    return photo
+
+
 def _read_caption(path: Path) -> tuple[str | None, str | None]:
     try:
         text = path.read_text(encoding="utf-8-sig").strip()

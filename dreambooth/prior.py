@@ -143,13 +143,9 @@ def vae_hash(vae) -> str:
 
 def load_image(path: Path, resolution: int):
     """An image file as an upright RGB square of ``resolution`` (center crop)."""
-    from PIL import Image, ImageOps
+    from dreambooth.data import load_photo, square_crop
 
-    from dreambooth.data import square_crop, to_rgb
-
-    with Image.open(path) as im:
-        image, _ = to_rgb(ImageOps.exif_transpose(im))
-        return square_crop(image, resolution, crop="center")
+    return square_crop(load_photo(path).image, resolution, crop="center")
 
 
 @torch.no_grad()

@@ -82,11 +82,11 @@ def base_accuracy(model: BaseModel, n: int = 200, seed: int = 7, steps: int = 25
     """How often the model draws what a full caption asks for: per factor (shape, color,
     background, pattern) the fraction of images whose probe reading matches the caption, and
     "all" for every factor at once. Captions name every factor (no held-out combination)."""
+    import random
+
     from dreambooth.sample import generate
     from dreambooth.world.probe import load_probe
     from dreambooth.world.render import caption, is_held_out, random_scene
-
-    import random
 
     probe = probe or load_probe()
     rng, scenes = random.Random(f"base-accuracy:{seed}"), []
