@@ -46,7 +46,7 @@ class DataConfig:
     class_prompt: str = "a photo of a {class}"
     resolution: int = 512
     crop: str = _choices("center", "random", default="center")
-    flip: float = 0.0  # probability of a horizontal flip per sample
+    flip: float = 0.0  # `data`: flip probability; training: > 0 adds each photo's mirror image
     captions: bool = True  # use IMAGE.txt beside an image as its prompt when present
 
 

@@ -149,6 +149,10 @@ def resolve_run_config(cfg: Config, model: BaseModel) -> Config:
         raise TrainingError("no photos given: pass --images DIR (a folder of 3-20 photos of the subject)")
     if not cfg.data.class_noun:
         raise TrainingError("no class noun given: pass --class NOUN (e.g. dog, backpack, mug)")
+    if cfg.data.crop != "center":
+        raise TrainingError("data.crop=random is not supported by training yet: the photos are "
+                            "encoded once, from center crops. Use data.crop=center (data.flip > 0 "
+                            "adds mirror images)")
     if cfg.data.token == "auto":
         cfg.data.token = pick_token(model.tokenizer)
     else:

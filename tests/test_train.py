@@ -240,3 +240,8 @@ def test_trains_on_real_photos(dreambench, tmp_path):
     result = train(make_cfg(dreambench / "dog", "train.steps=2"), tmp_path / "run", progress=False)
     assert result.final.is_dir()
     assert len(metrics(tmp_path / "run")) == 2
+
+
+def test_random_crop_is_refused_rather_than_ignored(photos, tmp_path):
+    with pytest.raises(TrainingError, match="data.crop=random is not supported"):
+        train(make_cfg(photos, "data.crop=random"), tmp_path / "run", progress=False)
