@@ -55,9 +55,7 @@ def main(argv=None) -> int:
     for index in [int(i) for i in args.subjects.split(",")]:
         subject = held_out_subjects()[index]
         photos = work / subject.name / "photos"
-        photos.mkdir(parents=True)
-        for i, (image, _) in enumerate(subject.photos(5, seed=0)):
-            image.save(photos / f"photo-{i}.png")
+        subject.save_photos(photos, 5, seed=0)
         n = args.class_samples
         before, before_images = class_samples(base, subject.shape, n, probe)
         other_seeds, _ = class_samples(base, subject.shape, n, probe, seed=99_000)

@@ -52,3 +52,12 @@ def test_killed_pretraining_resumes_exactly(tmp_path, monkeypatch):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_load_partial_gives_the_checkpointed_weights(tmp_path):
+    pt.pretrain(tmp_path / "w", pt.PretrainConfig(**SMALL))
+    model = pt.load_partial(tmp_path / "w")
+    saved = unet_weights(tmp_path / "w")
+    for k, v in model.unet.state_dict().items():
+        assert torch.equal(v, saved[f"unet.{k}"]), k
+    assert model.vae.config.scaling_factor != 0.18215

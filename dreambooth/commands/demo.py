@@ -1,4 +1,4 @@
-"""`dreambooth demo`: the whole pipeline offline on a built-in model, in about a minute on a CPU."""
+"""`dreambooth demo`: the whole pipeline offline on a built-in model, in a few minutes on a CPU."""
 
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ def demo(out: str = "dreambooth-demo", model: str = "auto", steps: int = 0, quic
         quick: fewer class images, samples and solver steps (a smoke test, e.g. in CI)
         progress: show progress bars
     """
+    from dreambooth.checkpoint import load_run_model
     from dreambooth.config import build_config
     from dreambooth.errors import DreamboothError
     from dreambooth.models import WORLD_MODEL
@@ -72,9 +73,7 @@ def demo(out: str = "dreambooth-demo", model: str = "auto", steps: int = 0, quic
         from dreambooth.world.render import held_out_subjects
 
         subject = held_out_subjects()[0]
-        (root / "photos").mkdir()
-        for i, (image, _) in enumerate(subject.photos(5, seed=0)):
-            image.save(root / "photos" / f"photo-{i}.png")
+        subject.save_photos(root / "photos", 5, seed=0)
         noun, preset = subject.shape, "world"
         print(f"1/3 rendered 5 photos of a {subject.color} {subject.pattern} {subject.shape} "
               f"with a {subject.mark} mark (a combination the base model never saw) in {root / 'photos'}")
@@ -90,13 +89,14 @@ def demo(out: str = "dreambooth-demo", model: str = "auto", steps: int = 0, quic
     samples = run_dir / "samples" / "final"
     samples.mkdir(parents=True, exist_ok=True)
     sheet = samples / "contact-sheet.png"
+    tuned, cfg = load_run_model(run_dir)  # from the run directory, as any later stage would
     if subject is not None:
-        report = _world_samples(run_dir, subject, samples, sheet, n_class=16 if quick else 100)
+        report = _world_samples(tuned, cfg, run_dir, subject, samples, sheet,
+                                n_class=16 if quick else 100)
     else:
-        report = _plain_samples(run_dir, samples, sheet)
+        report = _plain_samples(tuned, cfg, samples, sheet)
     print(f"3/3 {report}")
-    token = result_token(run_dir)
-    print(f"\nidentifier: '{token}'   class: '{noun}'")
+    print(f"\nidentifier: '{cfg.data.token}'   class: '{noun}'")
     print(f"run directory: {run_dir}  (config.yaml, metrics.jsonl, checkpoints/, final/)")
     print(f"samples:       {samples}  contact sheet: {sheet}")
     print(f"took {time.perf_counter() - started:.0f} s.")
@@ -106,47 +106,41 @@ def demo(out: str = "dreambooth-demo", model: str = "auto", steps: int = 0, quic
     return 0
 
 
-def result_token(run_dir: Path) -> str:
-    from dreambooth.config import load_config
-
-    return load_config(run_dir / "config.yaml").data.token
-
-
-def _plain_samples(run_dir: Path, samples: Path, sheet: Path) -> str:
-    from dreambooth.checkpoint import load_run_model
+def _save_samples(images: list, labels: list[str], seeds: list[int], samples: Path, sheet: Path,
+                  cell: int = 128) -> None:
+    """Each image as NN-seedS.png in ``samples``, and a captioned contact sheet."""
     from dreambooth.data import contact_sheet
+
+    for n, (img, seed) in enumerate(zip(images, seeds)):
+        img.save(samples / f"{n:02d}-seed{seed}.png")
+    contact_sheet(images, labels, cell=cell).save(sheet)
+
+
+def _plain_samples(tuned, cfg, samples: Path, sheet: Path) -> str:
     from dreambooth.sample import generate
 
-    tuned, cfg = load_run_model(run_dir)
     prompts = [p.format(token=cfg.data.token, **{"class": cfg.data.class_noun}) for p in PROMPTS]
     pairs = [(p, s) for p in prompts for s in range(cfg.sample.num_images)]
     images = generate(tuned, [p for p, _ in pairs], [s for _, s in pairs], steps=cfg.sample.steps,
                       guidance=cfg.sample.guidance, resolution=cfg.data.resolution,
                       scheduler=cfg.sample.scheduler)
-    for n, (img, (_, seed)) in enumerate(zip(images, pairs)):
-        img.save(samples / f"{n:02d}-seed{seed}.png")
-    contact_sheet(images, [f"{p} (seed {s})" for p, s in pairs]).save(sheet)
+    _save_samples(images, [f"{p} (seed {s})" for p, s in pairs], [s for _, s in pairs], samples, sheet)
     return f"sampled {len(images)} images for {len(prompts)} prompts"
 
 
-def _world_samples(run_dir: Path, subject, samples: Path, sheet: Path, n_class: int) -> str:
+def _world_samples(tuned, cfg, run_dir: Path, subject, samples: Path, sheet: Path, n_class: int) -> str:
     import json
 
-    from dreambooth.checkpoint import load_run_model
-    from dreambooth.data import contact_sheet
     from dreambooth.models import load_base_model
     from dreambooth.world.score import score_world
 
-    tuned, cfg = load_run_model(run_dir)
     scores = score_world(tuned, subject, cfg.data.token, base=load_base_model("world"),
                          seeds=cfg.sample.num_images, steps=cfg.sample.steps, n_class=n_class,
                          guidance=cfg.sample.guidance)
-    for n, (prompt, seed, img) in enumerate(scores.images):
-        img.save(samples / f"{n:02d}-seed{seed}.png")
-    contact_sheet([im for _, _, im in scores.images],
-                  [f"{p} (seed {s})" for p, s, _ in scores.images], cell=96).save(sheet)
-    (run_dir / "world-scores.json").write_text(json.dumps(scores.summary(), indent=1))
+    _save_samples([im for _, _, im in scores.images], [f"{p} (seed {s})" for p, s, _ in scores.images],
+                  [s for _, s, _ in scores.images], samples, sheet, cell=96)
     s = scores.summary()
+    (run_dir / "world-scores.json").write_text(json.dumps(s, indent=1))
     return (f"sampled {len(scores.images)} images; probe scores: subject fidelity "
             f"{s['subject_fidelity']:.0%}, prompt fidelity {s['prompt_fidelity']:.0%}, prior "
             f"distance {s['prior_distance']['mean']:.3f} (0 = unchanged), written to "

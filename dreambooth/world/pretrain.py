@@ -110,14 +110,19 @@ def calibrate_vae(vae, n: int, size_range: tuple[float, float]) -> float:
         return psnr(vae.decode(z).sample, x)
 
 
+def _load_modules(named: dict[str, torch.nn.Module], weights: dict[str, torch.Tensor]) -> None:
+    """Load checkpoint weights named '<module>.<param>' (as ``_save`` writes them) into modules."""
+    for name, module in named.items():
+        module.load_state_dict({k[len(name) + 1:]: v for k, v in weights.items()
+                                if k.startswith(name + ".")})
+
+
 def _resume(folder: Path, named: dict[str, torch.nn.Module], optimizer, sched) -> int:
     last = ckpt.latest_checkpoint(folder)
     if last is None:
         return 0
     state = ckpt.load_checkpoint(last)
-    for name, module in named.items():
-        module.load_state_dict({k[len(name) + 1:]: v for k, v in state["weights"].items()
-                                if k.startswith(name + ".")})
+    _load_modules(named, state["weights"])
     optimizer.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["lr_scheduler"])
     ckpt.set_rng_state(state["rng"])
@@ -250,10 +255,9 @@ def load_partial(out: str | Path, cfg: PretrainConfig | None = None) -> BaseMode
     for stage, named in (("vae", {"vae": model.vae}),
                          ("unet", {"unet": model.unet, "text_encoder": model.text_encoder})):
         last = ckpt.latest_checkpoint(Path(out) / stage)
-        if last is not None:
-            weights = ckpt.load_checkpoint(last)["weights"]
-            for name, module in named.items():
-                module.load_state_dict({k[len(name) + 1:]: v for k, v in weights.items()
-                                        if k.startswith(name + ".")})
+        if last is not None:  # the weights only: optimizer state is not needed to inspect
+            from safetensors.torch import load_file
+
+            _load_modules(named, load_file(str(last / "trainable.safetensors")))
     calibrate_vae(model.vae, cfg.calibration, cfg.size_range)
     return model

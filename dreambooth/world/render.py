@@ -124,6 +124,19 @@ class Subject:
         return out
 
 
+    def save_photos(self, folder, n: int = 5, seed: int = 0) -> list:
+        """Write :meth:`photos` into ``folder`` as photo-0.png, photo-1.png, ...; return the paths."""
+        from pathlib import Path
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i, (image, _) in enumerate(self.photos(n, seed)):
+            paths.append(folder / f"photo-{i}.png")
+            image.save(paths[-1])
+        return paths
+
+
 PHOTO_BACKGROUNDS = ("plain", "grass", "city")
 # The evaluation subjects. Their (shape, color, pattern) never appear in pretraining.
 SUBJECTS = (
