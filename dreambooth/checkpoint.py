@@ -71,8 +71,9 @@ def atomic_dir(final: Path, write: Callable[[Path], None]) -> Path:
 
 def save_checkpoint(run_dir: Path, step: int, *, weights: dict[str, torch.Tensor],
                     optimizer_state: dict, lr_scheduler_state: dict, state: dict[str, Any],
-                    config_yaml: str, keep: int = 2) -> Path:
-    """Write ``checkpoints/step-NNNNNN`` atomically, then keep only the newest ``keep``."""
+                    config_yaml: str, keep: int = 2, protect: frozenset[int] = frozenset()) -> Path:
+    """Write ``checkpoints/step-NNNNNN`` atomically, then keep only the newest ``keep`` (and the
+    steps in ``protect``, e.g. the best evaluated one)."""
     def write(tmp: Path) -> None:
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()},
                   str(tmp / "trainable.safetensors"))
@@ -88,15 +89,20 @@ def save_checkpoint(run_dir: Path, step: int, *, weights: dict[str, torch.Tensor
         shutil.rmtree(stale, ignore_errors=True)
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if checkpoint_step(old) not in protect:
+                shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(Path(path).name[len(PREFIX):])
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     root = Path(run_dir) / "checkpoints"
     found = [p for p in root.glob(f"{PREFIX}*") if (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    return sorted(found, key=checkpoint_step)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -133,3 +139,40 @@ def load_run_model(run_dir: Path):
     model = load_base_model(cfg.model.path, cfg.model.kind, cfg.model.prediction_type)
     model.pipeline().load_lora_weights(str(final))
     return model, cfg
+
+
+def load_checkpoint_model(run_dir: Path, which: str = "final"):
+    """(model, config, name) for ``which``: "final", "best" (the step best.json names), or
+    "step-N" / "N" (a checkpoint's trainable weights put into the run's base model)."""
+    from dreambooth.config import load_config
+    from dreambooth.errors import DreamboothError
+    from dreambooth.models import load_base_model
+    from dreambooth.train import setup_trainable
+
+    run_dir = Path(run_dir)
+    if which == "best":
+        best = run_dir / "best.json"
+        if not best.is_file():
+            raise DreamboothError(f"{run_dir} has no best.json: it was trained without evaluation "
+                                  f"(eval.every=0); use --checkpoint final or step-N")
+        info = json.loads(best.read_text())
+        which = "final" if info.get("final_is_best") else step_dir_name(info["step"])
+    if which == "final":
+        model, cfg = load_run_model(run_dir)
+        return model, cfg, "final"
+    step = int(which[len(PREFIX):]) if which.startswith(PREFIX) else int(which) if which.isdigit() else None
+    found = {checkpoint_step(p): p for p in list_checkpoints(run_dir)}
+    if step not in found:
+        names = ", ".join(p.name for p in found.values()) or "none"
+        raise DreamboothError(f"no checkpoint '{which}' in {run_dir}; it has: final, best, {names}")
+    cfg = load_config(found[step] / "config.yaml")
+    model = load_base_model(cfg.model.path, cfg.model.kind, cfg.model.prediction_type)
+    modules = setup_trainable(model, cfg)
+    weights = load_file(str(found[step] / "trainable.safetensors"))
+    for name, module in modules.items():
+        missing = module.load_state_dict({k[len(name) + 1:]: v for k, v in weights.items()
+                                          if k.startswith(name + ".")}, strict=False)
+        if missing.unexpected_keys:
+            raise DreamboothError(f"{found[step]} does not match the run's model: unexpected "
+                                  f"weights {missing.unexpected_keys[:3]}")
+    return model, cfg, step_dir_name(step)

@@ -20,6 +20,9 @@ COMMANDS: dict[str, str] = {
     "train": "dreambooth.commands.train:train",
     "demo": "dreambooth.commands.demo:demo",
     "world": "dreambooth.commands.world:world",
+    "eval": "dreambooth.commands.evaluate:eval_run",
+    "report": "dreambooth.commands.evaluate:report",
+    "bench": "dreambooth.commands.bench:bench",
 }
 
 # Parameter names that cannot be spelled as the flag users expect.

@@ -122,6 +122,33 @@ class SampleConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = 0  # evaluate every N steps, at step 0 and at the end (0: no evaluation)
+    prompts: list[str] = field(
+        default_factory=lambda: [
+            "a photo of {token} {class}",
+            "a photo of {token} {class} on the beach",
+            "a photo of {token} {class} in the snow",
+            "a photo of {token} {class} in the city",
+        ]
+    )
+    num_images: int = 2  # per prompt, seeds seed .. seed+n-1 (the same at every evaluation)
+    class_images: int = 4  # class-prompt images, for PRES / the world prior distance
+    seed: int = 1000
+    steps: int = 25
+    guidance: float = 7.5
+    scheduler: str = _choices("dpmpp", "unipc", "ddim", "ddpm", default="dpmpp")
+    # auto: the world probes on the world model, plus DINO/CLIP when eval.dino and eval.clip are set
+    metrics: str = _choices("auto", "clip", "world", default="auto")
+    dino: str = ""  # local folder of facebook/dino-vits16 ("tiny": a random in-process ViT)
+    clip: str = ""  # local folder of openai/clip-vit-base-patch32 ("tiny": random in-process)
+    select_best: bool = True  # final/ holds the best evaluated step instead of the last one
+    prompt_floor: float = 0.9  # candidates keep prompt fidelity >= floor x the best seen
+    early_stop: int = 0  # stop when prompt fidelity fell K evaluations in a row, fidelity flat
+    flat: float = 0.02  # "flat": fidelity gained less than this over those K evaluations
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -129,6 +156,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -186,7 +214,9 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, hint: Any) -> Any:
         try:  # command-line strings: parse them as YAML scalars/lists ("1e-4", "true", "[a, b]")
             value = yaml.safe_load(value) if value.strip() else value
         except yaml.YAMLError:
-            raise bad(str(hint)) from None
+            if typing.get_origin(hint) is not list:
+                raise bad(str(hint)) from None
+            value = value.strip().removeprefix("[").removesuffix("]")  # "[a {token}, b]"
     if hint is bool:
         if isinstance(value, bool):
             return value

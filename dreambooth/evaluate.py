@@ -265,8 +265,31 @@ def _check_folder(path: str | Path, what: str, repo: str, flag: str, model_type:
     return folder
 
 
+def tiny_encoders(seed: int = 0):
+    """Random DINO-shaped ViT and CLIP models (one layer, 32 wide) with the real CLIP tokenizer:
+    what ``--dino tiny`` / ``--clip tiny`` load. Their scores check the pipeline; they measure
+    nothing."""
+    from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
+
+    from dreambooth.tokenizer import clip_tokenizer
+
+    torch.manual_seed(seed)
+    vit = ViTModel(ViTConfig(image_size=224, patch_size=32, hidden_size=32, num_hidden_layers=1,
+                             num_attention_heads=1, intermediate_size=64), add_pooling_layer=False)
+    text = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=1, max_position_embeddings=77, bos_token_id=49406,
+                eos_token_id=49407, pad_token_id=49407)
+    vision = dict(image_size=224, patch_size=32, hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=1, num_attention_heads=1)
+    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    return vit.eval(), clip.eval(), clip_tokenizer()
+
+
 def load_dino(path: str | Path, device: str = "cpu", batch_size: int = 16) -> DinoEncoder:
-    """DINO ViT from a local transformers folder (e.g. facebook/dino-vits16), eval mode, fp32."""
+    """DINO ViT from a local transformers folder (e.g. facebook/dino-vits16), eval mode, fp32;
+    "tiny" gives a random in-process one (see ``tiny_encoders``)."""
+    if str(path) == "tiny":
+        return DinoEncoder(tiny_encoders()[0].to(device), batch_size)
     folder = _check_folder(path, "the DINO ViT-S/16 model", DINO_REPO, "--dino", "vit")
     from transformers import ViTModel
 
@@ -281,7 +304,10 @@ def load_dino(path: str | Path, device: str = "cpu", batch_size: int = 16) -> Di
 
 def load_clip(path: str | Path, device: str = "cpu", batch_size: int = 16) -> ClipEncoder:
     """CLIP model and tokenizer from one local transformers folder (e.g.
-    openai/clip-vit-base-patch32), eval mode, fp32."""
+    openai/clip-vit-base-patch32), eval mode, fp32; "tiny": random in-process."""
+    if str(path) == "tiny":
+        _, model, tokenizer = tiny_encoders()
+        return ClipEncoder(model.to(device), tokenizer, batch_size)
     what = "the CLIP ViT-B/32 model"
     folder = _check_folder(path, what, CLIP_REPO, "--clip", "clip", needs_tokenizer=True)
     from transformers import CLIPModel, CLIPTokenizer

@@ -28,6 +28,13 @@ def make_scheduler(name: str, train_scheduler_config: Any):
     from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
                            UniPCMultistepScheduler)
 
+    # A scheduler built in-process lists the settings it left at their defaults in
+    # "_use_default_values", and from_config would then take the *new* class's defaults for
+    # those (timestep_spacing "linspace" instead of "leading"): the same model would sample
+    # differently before and after a save. Pass every value explicitly.
+    train_scheduler_config = {k: v for k, v in dict(train_scheduler_config).items()
+                              if k != "_use_default_values"}
+
     if name == "dpmpp":
         return DPMSolverMultistepScheduler.from_config(train_scheduler_config,
                                                        algorithm_type="dpmsolver++")

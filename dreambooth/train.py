@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from dreambooth.errors import DreamboothError
 from dreambooth.loss import dreambooth_loss, min_snr_weights, offset_noise, snr, training_target
 from dreambooth.models import (BaseModel, concat_cond, encode_latents, encode_prompts,
                                load_base_model)
+from dreambooth.selection import select_best, should_stop
 
 
 class TrainingError(DreamboothError):
@@ -34,9 +35,10 @@ class TrainingError(DreamboothError):
 @dataclass
 class TrainResult:
     run_dir: Path
-    final: Path | None  # None when stopped early (stop_after)
+    final: Path | None  # None when interrupted (stop_after)
     step: int
     loss: float
+    best: int | None = None  # the evaluated step that final/ holds, when evaluation ran
 
 
 # ------------------------------------------------------------------ randomness by position
@@ -242,7 +244,16 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
             trim_metrics(run_dir / "metrics.jsonl", step)
             print(f"resuming from {last} (step {step})")
 
-    # 4. The loop.
+    # 4. Evaluation (every eval.every steps, from the base model at step 0 on) and the loop.
+    evaluator, history = None, []
+    if cfg.eval.every > 0 and acc.is_main_process:
+        from dreambooth.validation import Evaluator, eval_history
+
+        evaluator = Evaluator(cfg, run_dir)
+        history = eval_history(run_dir / "metrics.jsonl")
+        if step == 0 and not history:
+            history.append(evaluate_now(evaluator, model, 0, run_dir, acc))
+
     acp = model.scheduler.alphas_cumprod
     num_train_t = model.scheduler.config.num_train_timesteps
     b, accum, world, rank = t.batch_size, t.grad_accum, acc.num_processes, acc.process_index
@@ -252,7 +263,7 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
     halves = [(inst_latents, inst_prompts)]  # the batch: instance half, then class half
     if use_prior:
         halves.append((class_latents, [class_prompt] * len(class_latents)))
-    loss_value = float("nan")
+    loss_value, stopped_early = float("nan"), False
     while step < end:
         started = time.perf_counter()
         train_te = "text_encoder" in modules and step < te_steps
@@ -304,23 +315,65 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
                 "step": step, "loss": loss_value, "instance_loss": totals[1].item(),
                 "prior_loss": totals[2].item(), "lr": lr_sched.get_last_lr()[0],
                 "seconds": round(seconds, 4)})
-        if step % t.checkpoint_every == 0 or (step == end and step < t.steps):
+        evaluating = cfg.eval.every > 0 and (step % cfg.eval.every == 0 or step == t.steps)
+        if evaluating:  # before the checkpoint: an evaluation cut short is redone on resume
+            stop = 0.0
+            if evaluator is not None:
+                history.append(evaluate_now(evaluator, model, step, run_dir, acc))
+                stop = float(should_stop(history, cfg.eval.early_stop, cfg.eval.flat))
+            stopped_early = acc.reduce(torch.tensor([stop], device=acc.device), "sum").item() > 0
+            if stopped_early and acc.is_main_process:
+                print(f"early stop at step {step}: prompt fidelity fell {cfg.eval.early_stop} "
+                      f"evaluations in a row while fidelity stayed flat (eval.early_stop)")
+        if (step % t.checkpoint_every == 0 or (step == end and step < t.steps)
+                or (evaluating and step < t.steps)):
             acc.wait_for_everyone()
             if acc.is_main_process:
+                best = select_best(history, cfg.eval.prompt_floor)
                 ckpt.save_checkpoint(
                     run_dir, step, weights=weights, optimizer_state=optimizer.state_dict(),
                     lr_scheduler_state=lr_sched.state_dict(),
                     state={"data_position": step * accum * world * b, "loss": loss_value,
-                           "seconds": seconds}, config_yaml=config_yaml, keep=t.keep_checkpoints)
+                           "seconds": seconds}, config_yaml=config_yaml, keep=t.keep_checkpoints,
+                    protect=frozenset({best.step} if best else ()))
+        if stopped_early:
+            break
     bar.close()
 
-    # 5. Final weights: a diffusers folder (full) or LoRA weights for load_lora_weights.
-    final = None
-    if step >= t.steps:
+    # 5. Final weights (the best evaluated step's when evaluation chose one): a diffusers folder
+    #    (full) or LoRA weights for load_lora_weights; then best.json and report.html.
+    final, chosen = None, None
+    if step >= t.steps or stopped_early:
         acc.wait_for_everyone()
         if acc.is_main_process:
+            kept = {ckpt.checkpoint_step(c) for c in ckpt.list_checkpoints(run_dir)} | {step}
+            choice = (select_best(history, cfg.eval.prompt_floor, allowed=kept)
+                      if cfg.eval.select_best else None)
+            if choice is not None and choice.step != step:
+                state = ckpt.load_checkpoint(run_dir / "checkpoints" / ckpt.step_dir_name(choice.step))
+                with torch.no_grad():
+                    for name, tensor in state["weights"].items():
+                        weights[name].copy_(tensor)
             final = save_final(model, modules, cfg, run_dir / "final", config_yaml)
-    return TrainResult(run_dir=run_dir, final=final, step=step, loss=loss_value)
+            if choice is not None:
+                chosen = choice.step
+                (run_dir / "best.json").write_text(json.dumps({
+                    **asdict(choice), "final_is_best": True, "last_step": step,
+                    "stopped_early": stopped_early}, indent=1))
+            from dreambooth.report import write_report
+
+            write_report(run_dir)
+    return TrainResult(run_dir=run_dir, final=final, step=step, loss=loss_value, best=chosen)
+
+
+def evaluate_now(evaluator, model: BaseModel, step: int, run_dir: Path, acc) -> dict:
+    """Run the evaluator on the model as it is at ``step``; log and return its record."""
+    with acc.autocast():
+        record = evaluator(model, ckpt.step_dir_name(step), step)
+    log_metrics(run_dir / "metrics.jsonl", record)
+    shown = {k: v for k, v in record.items() if k in ("fidelity", "prompt_fidelity")}
+    tqdm.write(f"eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+    return record
 
 
 # ------------------------------------------------------------------ run-directory I/O

@@ -127,23 +127,13 @@ def test_strip_identifier_escapes_regex_characters():
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
-
-    from dreambooth.tokenizer import clip_tokenizer
+    from dreambooth.evaluate import tiny_encoders
 
     root = tmp_path_factory.mktemp("eval_models")
-    torch.manual_seed(0)
-    ViTModel(ViTConfig(image_size=224, patch_size=32, hidden_size=32, num_hidden_layers=1,
-                       num_attention_heads=1, intermediate_size=64),
-             add_pooling_layer=False).save_pretrained(root / "dino")
-    text = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                num_attention_heads=1, max_position_embeddings=77, bos_token_id=49406,
-                eos_token_id=49407, pad_token_id=49407)
-    vision = dict(image_size=224, patch_size=32, hidden_size=32, intermediate_size=64,
-                  num_hidden_layers=1, num_attention_heads=1)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
-              ).save_pretrained(root / "clip")
-    clip_tokenizer().save_pretrained(root / "clip")
+    vit, clip, tokenizer = tiny_encoders()
+    vit.save_pretrained(root / "dino")
+    clip.save_pretrained(root / "clip")
+    tokenizer.save_pretrained(root / "clip")
     return root
 
 

@@ -42,3 +42,29 @@ def test_quick_demo_on_the_world_model(tmp_path, monkeypatch, capsys):
     assert "probe scores: subject fidelity" in out
     scores = json.loads((tmp_path / "demo/run/world-scores.json").read_text())
     assert 0 <= scores["subject_fidelity"] <= 1
+
+
+def test_world_probe_metric_set_reads_the_subject_and_the_prior(tmp_path):
+    """The evaluator's world set: the subject's factors come from its photos, prompt fidelity
+    from the background a prompt names, and an unchanged model has prior distance exactly 0."""
+    from dreambooth.config import build_config
+    from dreambooth.models import load_base_model
+    from dreambooth.validation import Evaluator
+    from dreambooth.world.render import held_out_subjects
+
+    subject = held_out_subjects()[1]
+    subject.save_photos(tmp_path / "photos", 4, seed=0)
+    cfg = build_config("world", overrides=[
+        f"data.images={tmp_path / 'photos'}", f"data.class_noun={subject.shape}", "data.token=waj",
+        "eval.num_images=2", "eval.class_images=3", "eval.steps=8",
+        "eval.prompts=[a photo of {token} {class}, a photo of {token} {class} on the beach]"])
+    evaluator = Evaluator(cfg, tmp_path / "run")
+    model = load_base_model("world")
+    first = evaluator(model, "step-000000", 0)
+    again = evaluator(model, "step-000001", 1)
+    assert first["world_subject_factors"].split("-") == [subject.shape, subject.color, subject.pattern, subject.mark]
+    for key in ("world_match", "world_subject", "world_prompt"):
+        assert 0.0 <= first[key] <= 1.0
+    assert first["world_prior"] == 0.0 and again["world_prior"] == 0.0
+    assert first["fidelity"] == first["world_match"] and first["prompt_fidelity"] == first["world_prompt"]
+    assert (tmp_path / "run" / "samples" / "step-000000" / "grid.png").is_file()

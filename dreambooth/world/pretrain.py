@@ -35,7 +35,7 @@ class PretrainConfig:
     vae_batch: int = 16
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
-    unet_steps: int = 6000
+    unet_steps: int = 8000
     unet_batch: int = 48
     unet_lr: float = 4e-4
     warmup: int = 300
@@ -46,10 +46,11 @@ class PretrainConfig:
     text_hidden: int = 64
     unet_channels: tuple[int, int, int] = (32, 64, 128)
     max_tokens: int = 32  # world captions are short; pipelines pad prompts to this length
-    # Object size range of the pretraining renders. The shipped model was trained with 0.25-0.50;
-    # the renderer's default became 0.30-0.50 afterwards (the probe reads patterns better), so
-    # the pretraining range is pinned here to keep `world pretrain` reproducible.
-    size_range: tuple[float, float] = (0.25, 0.5)
+    # Object size ranges of the pretraining renders (fractions of the width). The VAE learned on
+    # 0.25-0.50 (pinned: its stage is reused as it was); the UNet learns on the renderer's range,
+    # where shapes and patterns span 7-11 cells of the 16x16 latent grid instead of 4-8.
+    vae_size_range: tuple[float, float] = (0.25, 0.5)
+    size_range: tuple[float, float] = (0.45, 0.7)
 
 
 def architecture(cfg: PretrainConfig) -> BaseModel:
@@ -185,7 +186,7 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None) -> Path:
     vae = model.vae
 
     def vae_loss(step: int) -> torch.Tensor:
-        x, _ = batch_pixels(cfg.vae_batch, cfg.seed * 1_000_003 + step, cfg.size_range)
+        x, _ = batch_pixels(cfg.vae_batch, cfg.seed * 1_000_003 + step, cfg.vae_size_range)
         posterior = vae.encode(x).latent_dist
         g = torch.Generator().manual_seed(cfg.seed * 7 + step)
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)

@@ -55,7 +55,9 @@ BACKGROUND_PHRASES = {
     "plain": "on a plain background",
 }
 FACTORS = ("shape", "color", "pattern", "mark", "background")
-SIZE_RANGE = (0.3, 0.5)  # object bounding-box side / image width (19-32 px at 64 px)
+SIZE_RANGE = (0.45, 0.7)  # object bounding-box side / image width (29-45 px at 64 px)
+# The probe reads a wider range, so that it can judge any object a model draws.
+PROBE_SIZE_RANGE = (0.25, 0.75)
 MARGIN = 0.03  # the object (outline included) stays this far inside the image
 OUTLINE = (20, 20, 20)
 PRETRAIN_MARK_RATE = 0.1
@@ -244,13 +246,14 @@ def sample_pretraining(n: int, seed: int, size: int = 64, mark_rate: float = PRE
     return images, captions, scenes
 
 
-def sample_scenes(n: int, seed: int, **fixed) -> list[Scene]:
+def sample_scenes(n: int, seed: int, size_range: tuple[float, float] = PROBE_SIZE_RANGE,
+                  **fixed) -> list[Scene]:
     """n scenes with every factor uniform (marks included, held-out triples too): probe data."""
     rng = random.Random(f"scenes:{seed}")
     out = []
     for _ in range(n):
         extra = {} if "mark" in fixed else {"mark": rng.choice(MARKS)}
-        out.append(random_scene(rng, **extra, **fixed))
+        out.append(random_scene(rng, size_range, **extra, **fixed))
     return out
 
 
