@@ -23,6 +23,9 @@ COMMANDS: dict[str, str] = {
     "eval": "dreambooth.commands.evaluate:eval_run",
     "report": "dreambooth.commands.evaluate:report",
     "bench": "dreambooth.commands.bench:bench",
+    "sample": "dreambooth.commands.sample:sample",
+    "sweep": "dreambooth.commands.sweep:sweep",
+    "export": "dreambooth.commands.export:export",
 }
 
 # Parameter names that cannot be spelled as the flag users expect.

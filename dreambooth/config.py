@@ -149,6 +149,22 @@ class EvalConfig:
 
 
 @dataclass
+class SweepConfig:
+    guidance: list[float] = field(default_factory=lambda: [3.0, 5.0, 7.5, 10.0])
+    steps: list[int] = field(default_factory=lambda: [15, 25, 40])
+    schedulers: list[str] = field(default_factory=lambda: ["dpmpp", "unipc", "ddim"])
+    lora_scales: list[float] = field(default_factory=lambda: [0.6, 0.8, 1.0])  # LoRA runs only
+    prompts: list[str] = field(  # the prompts settings are tuned on
+        default_factory=lambda: ["a photo of {token} {class} on the beach",
+                                 "a photo of {token} {class} in the snow"])
+    held_out: list[str] = field(  # prompts the chosen settings are checked on afterwards
+        default_factory=lambda: ["a photo of {token} {class} on the water",
+                                 "a photo of {token} {class} in the city"])
+    num_images: int = 4  # per prompt
+    seed: int = 2000
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -157,6 +173,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -251,11 +268,14 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, hint: Any) -> Any:
             )
         return value
     if typing.get_origin(hint) is list:
+        item = typing.get_args(hint)[0]
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return list(value)
-        raise bad("a list of strings")
+        if isinstance(value, (int, float)) and item is not str:
+            value = [value]
+        if not isinstance(value, list):
+            raise bad(f"a list of {item.__name__}")
+        return [_coerce(f"{key}[{i}]", f, v, item) for i, v in enumerate(value)]
     raise bad(str(hint))  # pragma: no cover - every field type is handled above
 
 

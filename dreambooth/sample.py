@@ -46,12 +46,13 @@ def make_scheduler(name: str, train_scheduler_config: Any):
 
 def generate(model: BaseModel, prompts: list[str], seeds: list[int], *, steps: int = 25,
              guidance: float = 7.5, negative_prompt: str = "", resolution: int | None = None,
-             scheduler: str = "dpmpp", batch_size: int = 4,
+             scheduler: str = "dpmpp", batch_size: int = 4, lora_scale: float = 1.0,
              progress: Callable[[int], None] | None = None) -> list:
     """One PIL image per (prompt, seed) pair, in order, ``batch_size`` at a time.
 
     ``resolution`` defaults to the model's native size. ``progress`` is called with the number
-    of images finished after each batch (e.g. a tqdm bar's ``update``). The model's modules are
+    of images finished after each batch (e.g. a tqdm bar's ``update``). ``lora_scale`` scales
+    the LoRA adapters, if the model has any (1.0: as trained; it does nothing without LoRA). The model's modules are
     put in eval mode for the call and given back in the mode they were in.
     """
     if len(prompts) != len(seeds):
@@ -61,6 +62,7 @@ def generate(model: BaseModel, prompts: list[str], seeds: list[int], *, steps: i
     modules = [m for m in model.components().values() if isinstance(m, torch.nn.Module)]
     was_training = [m.training for m in modules]
     size = resolution or model.unet.config.sample_size * model.vae_scale_factor
+    extra = {"cross_attention_kwargs": {"scale": lora_scale}} if lora_scale != 1.0 else {}
     images = []
     try:
         for m in modules:
@@ -71,7 +73,7 @@ def generate(model: BaseModel, prompts: list[str], seeds: list[int], *, steps: i
                 generators = [torch.Generator().manual_seed(s) for s in seeds[start:start + batch_size]]
                 out = pipe(prompt=batch_prompts, negative_prompt=[negative_prompt] * len(batch_prompts),
                            num_inference_steps=steps, guidance_scale=guidance, height=size,
-                           width=size, generator=generators, output_type="pil")
+                           width=size, generator=generators, output_type="pil", **extra)
                 images.extend(out.images)
                 if progress is not None:
                     progress(len(batch_prompts))
@@ -79,3 +81,41 @@ def generate(model: BaseModel, prompts: list[str], seeds: list[int], *, steps: i
         for m, mode in zip(modules, was_training):
             m.train(mode)
     return images
+
+
+# ---------------------------------------------------------------- prompts and metadata
+
+SETTINGS_FILE = "sample-settings.json"  # RUN_DIR/: the settings `sample` uses by default
+A1111_SAMPLERS = {"dpmpp": "DPM++ 2M", "unipc": "UniPC", "ddim": "DDIM", "ddpm": "DDPM"}
+
+
+def expand_prompt(prompt: str, token: str, class_noun: str) -> str:
+    """Fill ``{token}`` and ``{class}``; a bare "my CLASS" becomes "TOKEN CLASS".
+
+    "a photo of my dog on the beach" -> "a photo of waj dog on the beach"; other text is left
+    alone, so "a photo of a dog" stays a class prompt.
+    """
+    import re
+
+    if "{token}" in prompt or "{class}" in prompt:
+        return prompt.replace("{token}", token).replace("{class}", class_noun)
+    return re.sub(rf"\bmy\s+{re.escape(class_noun)}\b", f"{token} {class_noun}", prompt,
+                  flags=re.IGNORECASE)
+
+
+def png_metadata(settings: dict[str, Any]) -> Any:
+    """PNG text chunks: every setting as its own key, plus "parameters" in the AUTOMATIC1111
+    layout (prompt / Negative prompt / Steps, Sampler, CFG scale, Seed, Size) that image
+    browsers and A1111's "PNG Info" read."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in settings.items():
+        info.add_text(key, str(value))
+    size = settings.get("resolution", "")
+    line = (f"Steps: {settings.get('steps')}, Sampler: {A1111_SAMPLERS.get(settings.get('scheduler'), settings.get('scheduler'))}, "
+            f"CFG scale: {settings.get('guidance')}, Seed: {settings.get('seed')}, Size: {size}x{size}")
+    negative = settings.get("negative_prompt") or ""
+    info.add_text("parameters", f"{settings.get('prompt')}\n"
+                  + (f"Negative prompt: {negative}\n" if negative else "") + line)
+    return info

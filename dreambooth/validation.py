@@ -126,25 +126,26 @@ class Evaluator:
 
     # -------------------------------------------------------------- generation
 
-    def _generate(self, model, prompts: list[str], seeds: list[int]) -> list:
+    def _generate(self, model, prompts: list[str], seeds: list[int], settings: dict | None = None) -> list:
         from dreambooth.sample import generate
 
         e = self.cfg.eval
-        return generate(model, prompts, seeds, steps=e.steps, guidance=e.guidance,
-                        scheduler=e.scheduler, resolution=self.cfg.data.resolution,
-                        batch_size=max(1, self.cfg.prior.batch_size))
+        kw = {"steps": e.steps, "guidance": e.guidance, "scheduler": e.scheduler, **(settings or {})}
+        return generate(model, prompts, seeds, resolution=self.cfg.data.resolution,
+                        batch_size=max(1, self.cfg.prior.batch_size), **kw)
 
-    def __call__(self, model, name: str, step: int | None = None) -> dict:
-        """Generate, save under samples/NAME/, score; return the record for metrics.jsonl."""
+    def __call__(self, model, name: str, step: int | None = None, **settings) -> dict:
+        """Generate, save under samples/NAME/, score; return the record for metrics.jsonl.
+        ``settings`` (steps, guidance, scheduler, lora_scale) override the eval config's."""
         import time
 
         from dreambooth.data import contact_sheet
 
         started = time.perf_counter()
         pairs = [(p, s) for p in self.prompts for s in self.seeds]
-        images = self._generate(model, [p for p, _ in pairs], [s for _, s in pairs])
-        class_images = (self._generate(model, [self.class_prompt] * len(self.class_seeds), self.class_seeds)
-                        if self.class_seeds else [])
+        images = self._generate(model, [p for p, _ in pairs], [s for _, s in pairs], settings)
+        class_images = (self._generate(model, [self.class_prompt] * len(self.class_seeds),
+                                       self.class_seeds, settings) if self.class_seeds else [])
         generated: dict[str, list] = {p: [] for p in self.prompts}
         for (p, _), im in zip(pairs, images):
             generated[p].append(im)

@@ -1,0 +1,139 @@
+"""A scored sweep of inference settings: guidance × steps × scheduler (× LoRA scale).
+
+Every setting draws the same tuning prompts with the same seeds; the evaluator
+(``dreambooth.validation``) scores them — DINO/CLIP-T, or the world probes on the world model —
+and the settings are ranked by
+
+    score = (fidelity + prompt_fidelity) / 2
+
+(both higher-is-better; on the world model: subject factors matched and background right).
+The winner and the run's current defaults are then drawn on *held-out* prompts with other seeds,
+so the gain is measured on prompts the choice never saw. The winner is saved as
+RUN_DIR/sample-settings.json, which `dreambooth sample` uses by default.
+
+Resumable: each setting's images and scores live in RUN_DIR/sweep/<setting>/; a setting whose
+scores.json exists is read back instead of drawn again.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Setting:
+    guidance: float
+    steps: int
+    scheduler: str
+    lora_scale: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return f"g{self.guidance:g}-s{self.steps}-{self.scheduler}-l{self.lora_scale:g}"
+
+    def kwargs(self) -> dict:
+        return dict(guidance=self.guidance, steps=self.steps, scheduler=self.scheduler,
+                    lora_scale=self.lora_scale)
+
+
+def grid(guidance, steps, schedulers, lora_scales=(1.0,)) -> list[Setting]:
+    """Every combination, in a fixed order."""
+    return [Setting(float(g), int(s), sch, float(l))
+            for sch, s, g, l in itertools.product(schedulers, steps, guidance, lora_scales)]
+
+
+def score(record: dict) -> float:
+    return (record["fidelity"] + record["prompt_fidelity"]) / 2
+
+
+def rank(results: dict[Setting, dict]) -> list[tuple[Setting, dict]]:
+    """Best first: by score, then fewer steps (cheaper), then lower guidance."""
+    return sorted(results.items(), key=lambda kv: (-score(kv[1]), kv[0].steps, kv[0].guidance))
+
+
+def table(ranked: list[tuple[Setting, dict]], extra: tuple[str, ...] = ()) -> str:
+    head = "| rank | scheduler | steps | guidance | LoRA scale | score | fidelity | prompt fidelity |"
+    head += "".join(f" {k} |" for k in extra)
+    lines = [head, "|" + "---|" * (8 + len(extra))]
+    for i, (s, r) in enumerate(ranked, 1):
+        lines.append(f"| {i} | {s.scheduler} | {s.steps} | {s.guidance:g} | {s.lora_scale:g} | "
+                     f"{score(r):.4f} | {r['fidelity']:.4f} | {r['prompt_fidelity']:.4f} |"
+                     + "".join(f" {r[k]:.4f} |" if isinstance(r.get(k), float) else " – |" for k in extra))
+    return "\n".join(lines)
+
+
+def run_sweep(run_dir: str | Path, settings: list[Setting], model, cfg, default: Setting,
+              progress: bool = True) -> dict:
+    """Score every setting on the tuning prompts (reusing finished ones), then the best and the
+    default on the held-out prompts; write the table, the grid image and sample-settings.json."""
+    from tqdm.auto import tqdm
+
+    from dreambooth.data import contact_sheet
+    from dreambooth.validation import Evaluator
+
+    run = Path(run_dir)
+    root = run / "sweep"
+    sw = cfg.sweep
+
+    def evaluator(prompts, seed) -> Evaluator:
+        c = copy.deepcopy(cfg)
+        c.eval.prompts, c.eval.num_images, c.eval.seed, c.eval.class_images = prompts, sw.num_images, seed, 0
+        return Evaluator(c, root)
+
+    tune = evaluator(sw.prompts, sw.seed)
+    results, reused = {}, 0
+    bar = tqdm(total=len(settings), desc="sweep", unit="setting", disable=not progress)
+    for s in settings:
+        done = root / "samples" / s.name / "scores.json"
+        if done.is_file():
+            results[s], reused = json.loads(done.read_text()), reused + 1
+        else:
+            results[s] = tune(model, s.name, **s.kwargs())
+        bar.update(1)
+        bar.set_postfix(best=f"{max(score(r) for r in results.values()):.3f}")
+    bar.close()
+    ranked = rank(results)
+    best = ranked[0][0]
+
+    held = evaluator(sw.held_out, sw.seed + 10_000)
+    check = {}
+    for label, s in (("best", best), ("default", default)):
+        done = root / "samples" / f"held-out-{s.name}" / "scores.json"
+        check[label] = (json.loads(done.read_text()) if done.is_file()
+                        else held(model, f"held-out-{s.name}", **s.kwargs()))
+
+    firsts = [_open_image(root / "samples" / s.name / "p00-seed{}.png".format(sw.seed)) for s, _ in ranked]
+    labels = [f"#{i} {s.scheduler} {s.steps} st g{s.guidance:g}" + (f" l{s.lora_scale:g}" if s.lora_scale != 1 else "")
+              + f" {score(r):.2f}" for i, (s, r) in enumerate(ranked, 1)]
+    contact_sheet(firsts, labels, cell=96).save(root / "grid.png")
+    extra = tuple(k for k in ("world_subject", "dino", "clip_t") if isinstance(ranked[0][1].get(k), float))
+    md = table(ranked, extra)
+    (root / "results.md").write_text(md + "\n")
+    summary = {
+        "best": {**best.kwargs(), "score": score(results[best])},
+        "default": {**default.kwargs(), "score": score(results[default]) if default in results else None},
+        "held_out": {k: {"score": score(v), "fidelity": v["fidelity"],
+                         "prompt_fidelity": v["prompt_fidelity"]} for k, v in check.items()},
+        "prompts": sw.prompts, "held_out_prompts": sw.held_out, "seeds": sw.num_images,
+        "settings": len(settings), "reused": reused,
+        "ranked": [{**s.kwargs(), "score": score(r), "fidelity": r["fidelity"],
+                    "prompt_fidelity": r["prompt_fidelity"]} for s, r in ranked],
+    }
+    (root / "results.json").write_text(json.dumps(summary, indent=1))
+    (run / "sample-settings.json").write_text(json.dumps({
+        **best.kwargs(), "chosen_by": "dreambooth sweep", "tuning_score": score(results[best]),
+        "held_out_score": summary["held_out"]["best"]["score"],
+        "default_held_out_score": summary["held_out"]["default"]["score"]}, indent=1))
+    summary["table"] = md
+    return summary
+
+
+def _open_image(path: Path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
