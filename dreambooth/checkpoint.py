@@ -126,7 +126,7 @@ def load_run_model(run_dir: Path):
     base model from the run's config with ``final/``'s LoRA weights loaded into it."""
     from dreambooth.config import load_config
     from dreambooth.errors import DreamboothError
-    from dreambooth.models import load_base_model
+    from dreambooth.models import load_base_model, load_configured
 
     run_dir = Path(run_dir)
     final = run_dir / "final"
@@ -136,7 +136,7 @@ def load_run_model(run_dir: Path):
     cfg = load_config(final / "config.yaml")
     if cfg.train.mode == "full":
         return load_base_model(str(final)), cfg
-    model = load_base_model(cfg.model.path, cfg.model.kind, cfg.model.prediction_type)
+    model = load_configured(cfg.model)
     model.pipeline().load_lora_weights(str(final))
     return model, cfg
 
@@ -146,7 +146,7 @@ def load_checkpoint_model(run_dir: Path, which: str = "final"):
     "step-N" / "N" (a checkpoint's trainable weights put into the run's base model)."""
     from dreambooth.config import load_config
     from dreambooth.errors import DreamboothError
-    from dreambooth.models import load_base_model
+    from dreambooth.models import load_configured
     from dreambooth.train import setup_trainable
 
     run_dir = Path(run_dir)
@@ -166,7 +166,7 @@ def load_checkpoint_model(run_dir: Path, which: str = "final"):
         names = ", ".join(p.name for p in found.values()) or "none"
         raise DreamboothError(f"no checkpoint '{which}' in {run_dir}; it has: final, best, {names}")
     cfg = load_config(found[step] / "config.yaml")
-    model = load_base_model(cfg.model.path, cfg.model.kind, cfg.model.prediction_type)
+    model = load_configured(cfg.model)
     modules = setup_trainable(model, cfg)
     weights = load_file(str(found[step] / "trainable.safetensors"))
     for name, module in modules.items():

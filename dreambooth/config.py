@@ -35,6 +35,7 @@ class ModelConfig:
     path: str = "tiny"  # a local diffusers folder, a single .safetensors file, or "tiny"
     kind: str = _choices("auto", "sd1", "sd2", "sdxl", default="auto")
     prediction_type: str = _choices("auto", "epsilon", "v_prediction", default="auto")
+    trust_pickle: bool = False  # allow .ckpt/.pt/.bin checkpoints (unpickling can run code)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Base models: load a local diffusers folder (SD 1.x, 2.x, SDXL), or build a tiny one in-process.
+"""Base models: load a local diffusers folder or single-file checkpoint (SD 1.x, 2.x, SDXL), or
+build a tiny one in-process.
 
 Nothing here downloads: loading is ``local_files_only`` and ``HF_HUB_OFFLINE=1`` is set by the
 CLI. ``tiny``, ``tiny-sd2`` and ``tiny-sdxl`` are small random models of the real architectures
@@ -20,6 +21,7 @@ from dreambooth.errors import ModelError
 TINY_NAMES = ("tiny", "tiny-sd2", "tiny-sdxl")
 WORLD_MODEL = Path(__file__).parent / "world" / "model"  # the shipped self-trained base model
 EXPECTED = "model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
 @dataclass
@@ -81,12 +83,14 @@ class BaseModel:
 
 
 def folder_identity(folder: Path) -> str:
-    """Hash of every weight file's name, size and first/last MiB: fast, and changes with the weights."""
+    """Hash of every weight file's name, size and first/last MiB: fast, and changes with the
+    weights. ``folder`` may also be a single-file checkpoint."""
     h = hashlib.sha256()
-    for f in sorted(folder.rglob("*")):
-        if f.suffix in {".safetensors", ".bin", ".json", ".txt"} and f.is_file():
+    files = [folder] if folder.is_file() else sorted(folder.rglob("*"))
+    for f in files:
+        if f.suffix in {".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".json", ".txt"} and f.is_file():
             size = f.stat().st_size
-            h.update(f"{f.relative_to(folder)}:{size}".encode())
+            h.update(f"{f.name if f == folder else f.relative_to(folder)}:{size}".encode())
             with f.open("rb") as fh:
                 h.update(fh.read(1 << 20))
                 if size > 2 << 20:
@@ -179,8 +183,9 @@ def check_model_folder(folder: Path) -> dict:
         )
     if folder.is_file():
         raise ModelError(
-            f"{folder} is a file; this version loads diffusers folders ({EXPECTED}). "
-            "Convert a single-file checkpoint with diffusers' conversion script first."
+            f"{folder} is a file, but not a checkpoint this loads: give a diffusers folder "
+            f"({EXPECTED}) or a single-file checkpoint (.safetensors; .ckpt/.pt/.bin with "
+            "--trust-pickle)."
         )
     index_path = folder / "model_index.json"
     if not index_path.is_file():
@@ -202,8 +207,12 @@ def check_model_folder(folder: Path) -> dict:
     return index
 
 
-def load_base_model(path: str, kind: str = "auto", prediction_type: str = "auto") -> BaseModel:
-    """Load ``path`` (a local diffusers folder or a tiny name) for training or sampling."""
+def load_base_model(path: str, kind: str = "auto", prediction_type: str = "auto",
+                    trust_pickle: bool = False) -> BaseModel:
+    """Load ``path`` for training or sampling: a local diffusers folder, a tiny name, or a
+    single-file checkpoint in the original layout (``.safetensors``; pickle ``.ckpt``/``.pt``/
+    ``.bin`` only with ``trust_pickle``), read offline with the configs shipped for its
+    architecture (see ``dreambooth.single_file``)."""
     if path == "world":
         path = str(WORLD_MODEL)
         if not (WORLD_MODEL / "model_index.json").is_file():
@@ -211,6 +220,10 @@ def load_base_model(path: str, kind: str = "auto", prediction_type: str = "auto"
                              "`dreambooth world pretrain` (about 2 hours on a CPU)")
     if path in TINY_NAMES:
         model = build_tiny(path)
+    elif Path(path).suffix.lower() in SINGLE_FILE_SUFFIXES:
+        from dreambooth.single_file import load_single_file
+
+        model = load_single_file(Path(path).expanduser(), kind=kind, trust_pickle=trust_pickle)
     else:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -245,6 +258,12 @@ def load_base_model(path: str, kind: str = "auto", prediction_type: str = "auto"
 
         model.scheduler = DDPMScheduler.from_config(model.scheduler.config, prediction_type=prediction_type)
     return model
+
+
+def load_configured(model_cfg) -> BaseModel:
+    """The base model a config's ``model`` section names (path, kind, prediction type, pickle trust)."""
+    return load_base_model(model_cfg.path, model_cfg.kind, model_cfg.prediction_type,
+                           trust_pickle=model_cfg.trust_pickle)
 
 
 # ---------------------------------------------------------------- conditioning

@@ -24,7 +24,7 @@ from dreambooth.config import Config, config_from_dict, save_config
 from dreambooth.errors import DreamboothError
 from dreambooth.loss import dreambooth_loss, min_snr_weights, offset_noise, snr, training_target
 from dreambooth.models import (BaseModel, concat_cond, encode_latents, encode_prompts,
-                               load_base_model)
+                               load_configured)
 from dreambooth.selection import select_best, should_stop
 
 
@@ -85,13 +85,19 @@ def setup_trainable(model: BaseModel, cfg: Config) -> dict[str, torch.nn.Module]
     if cfg.train.train_text_encoder:
         modules["text_encoder"] = model.text_encoder
     if cfg.train.mode == "lora":
-        from peft import LoraConfig
+        from peft import LoraConfig, inject_adapter_in_model
 
         targets = {"unet": cfg.lora.unet_targets, "text_encoder": cfg.lora.text_encoder_targets}
         for name, module in modules.items():
-            module.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
-                                          lora_dropout=cfg.lora.dropout, init_lora_weights="gaussian",
-                                          target_modules=targets[name]))
+            config = LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
+                                lora_dropout=cfg.lora.dropout, init_lora_weights="gaussian",
+                                target_modules=targets[name])
+            if name == "unet":
+                module.add_adapter(config)
+            else:  # peft directly: transformers' add_adapter insists on a newer peft than exists
+                inject_adapter_in_model(config, module)
+                for p_name, p in module.named_parameters():
+                    p.requires_grad_("lora_" in p_name)
     else:
         for module in modules.values():
             module.requires_grad_(True)
@@ -189,7 +195,7 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
     torch.manual_seed(t.seed)
 
     # 1. Model, identifier and resolved config (written before any heavy work).
-    model = load_base_model(cfg.model.path, cfg.model.kind, cfg.model.prediction_type)
+    model = load_configured(cfg.model)
     cfg = resolve_run_config(cfg, model)
     if acc.is_main_process and not resume:
         save_config(cfg, run_dir / "config.yaml")
@@ -396,12 +402,12 @@ def save_final(model: BaseModel, modules: dict[str, torch.nn.Module], cfg: Confi
                config_yaml: str) -> Path:
     def write(tmp: Path) -> None:
         if cfg.train.mode == "lora":
-            from diffusers.utils import convert_state_dict_to_diffusers
-            from peft.utils import get_peft_model_state_dict
+            from dreambooth.lora import collect_lora, diffusers_lora_layers
 
-            layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(m))
-                      for name, m in modules.items()}
-            type(model.pipeline()).save_lora_weights(tmp, **layers, safe_serialization=True)
+            # alpha / r is folded into the up weights: the diffusers format has no alpha field
+            parts = diffusers_lora_layers(collect_lora(model))
+            type(model.pipeline()).save_lora_weights(
+                tmp, **{f"{name}_lora_layers": sd for name, sd in parts.items()}, safe_serialization=True)
         else:
             for m in (model.vae, model.text_encoder, model.text_encoder_2):
                 if m is not None and m.dtype != torch.float32:

@@ -120,9 +120,9 @@ class Evaluator:
         return out
 
     def _base_model(self):
-        from dreambooth.models import load_base_model
+        from dreambooth.models import load_configured
 
-        return load_base_model(self.cfg.model.path, self.cfg.model.kind, self.cfg.model.prediction_type)
+        return load_configured(self.cfg.model)
 
     # -------------------------------------------------------------- generation
 

@@ -80,7 +80,7 @@ def test_incomplete_model_folder_lists_what_is_missing(tmp_path):
 
 
 def test_file_instead_of_folder(tmp_path):
-    f = tmp_path / "model.safetensors"
+    f = tmp_path / "model.onnx"  # single-file checkpoints (.safetensors) load: tests/test_export.py
     f.write_bytes(b"x")
     with pytest.raises(ModelError, match="is a file"):
         load_base_model(str(f))

@@ -101,7 +101,8 @@ def test_prior_half_is_weighted_by_lambda(photos, tmp_path):
     ["train.mode=full"],
     ["train.mode=lora", "train.lr=1e-2"],
     ["train.mode=full", "train.train_text_encoder=true", "train.text_encoder_steps=3"],
-], ids=["full", "lora", "full+text-encoder"])
+    ["train.mode=lora", "train.lr=1e-2", "train.train_text_encoder=true"],
+], ids=["full", "lora", "full+text-encoder", "lora+text-encoder"])
 def test_resume_gives_identical_weights(photos, tmp_path, sets):
     cfg = make_cfg(photos, "train.steps=4", "train.lr_scheduler=cosine", "train.warmup_steps=1", *sets)
     straight = train(cfg, tmp_path / "straight", progress=False)
@@ -245,3 +246,18 @@ def test_trains_on_real_photos(dreambench, tmp_path):
 def test_random_crop_is_refused_rather_than_ignored(photos, tmp_path):
     with pytest.raises(TrainingError, match="data.crop=random is not supported"):
         train(make_cfg(photos, "data.crop=random"), tmp_path / "run", progress=False)
+
+
+def test_lora_with_text_encoder_trains_and_reloads_both(photos, tmp_path):
+    """LoRA on the text encoder too: its adapters train, are saved in final/, and come back."""
+    from dreambooth.models import build_tiny, encode_prompts
+
+    train(make_cfg(photos, "train.mode=lora", "train.lr=5e-2", "train.steps=3",
+                   "train.train_text_encoder=true"), tmp_path / "run", progress=False)
+    saved = load_file(str(tmp_path / "run/final/pytorch_lora_weights.safetensors"))
+    assert any(k.startswith("text_encoder.") for k in saved) and any(k.startswith("unet.") for k in saved)
+    tuned, _ = load_run_model(tmp_path / "run")
+    with torch.no_grad():
+        a = encode_prompts(tuned, ["a photo of waj toy"])["encoder_hidden_states"]
+        b = encode_prompts(build_tiny(), ["a photo of waj toy"])["encoder_hidden_states"]
+    assert not torch.allclose(a, b, atol=1e-4)

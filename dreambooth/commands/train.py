@@ -15,6 +15,7 @@ def train(
     overrides: list[str] | None = None,
     out: str | None = None,
     resume: str | None = None,
+    trust_pickle: bool = False,
     progress: bool = True,
 ) -> int:
     """Teach the model your subject (DreamBooth with prior preservation) and write a run directory.
@@ -25,12 +26,13 @@ def train(
         images: folder of 3-20 photos of the subject (only read, never written)
         class_noun: the subject's class noun, e.g. dog, backpack, mug
         token: identifier for the subject (default: the top pick of `dreambooth tokens`)
-        model: base model: a local diffusers folder, or tiny
+        model: base model: a local diffusers folder, a single-file .safetensors checkpoint (SD 1.x/2.x/XL), or tiny
         preset: a preset from dreambooth/configs (tiny, sd15-full, sd15-lora, sd21-full, sdxl-lora)
         config: a YAML config file (applied after the preset)
         overrides: key=value (repeatable), e.g. --set lr=1e-4 --set train.steps=400
         out: run directory to create (config.yaml, metrics.jsonl, checkpoints/, final/)
         resume: continue the run in this directory from its newest complete checkpoint
+        trust_pickle: allow a .ckpt/.pt/.bin --model (unpickling runs code: only for files you trust)
         progress: show a progress bar
     """
     from dreambooth.config import build_config
@@ -55,7 +57,7 @@ def train(
                                   f"`dreambooth train --resume {run_dir}` or choose another --out")
         cfg = build_config(preset, config, overrides, extra={
             "data.images": images, "data.class_noun": class_noun, "data.token": token,
-            "model.path": model})
+            "model.path": model, "model.trust_pickle": trust_pickle or None})
         result = run_training(cfg, run_dir, progress=progress)
     where = result.final or run_dir
     print(f"done: step {result.step}, loss {result.loss:.4f}. Run directory: {run_dir}  Weights: {where}")
