@@ -29,8 +29,10 @@ def main(argv=None) -> int:
     ap.add_argument("--subjects", default="1,2,3", help="indices into held_out_subjects()")
     ap.add_argument("--steps", type=int, default=0, help="training steps (0: the world preset's)")
     ap.add_argument("--class-samples", type=int, default=400)
-    ap.add_argument("--base-samples", type=int, default=200)
+    ap.add_argument("--base-samples", type=int, default=200, help="0: skip the base-model check")
     ap.add_argument("--model", default="world")
+    ap.add_argument("--set", action="append", default=[], dest="sets",
+                    help="extra training settings for both runs, key=value (repeatable)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -49,7 +51,8 @@ def main(argv=None) -> int:
     probe, base = load_probe(), load_base_model(args.model)
     started = time.perf_counter()
     results = {"command": "python " + " ".join(sys.argv), "base_accuracy":
-               base_accuracy(base, n=args.base_samples, probe=probe), "subjects": {}}
+               base_accuracy(base, n=args.base_samples, probe=probe) if args.base_samples else None,
+               "subjects": {}}
     print("base model:", json.dumps(results["base_accuracy"]))
     work = Path(tempfile.mkdtemp(prefix="world-quality-"))
     for index in [int(i) for i in args.subjects.split(",")]:
@@ -62,7 +65,7 @@ def main(argv=None) -> int:
         row = {"noise_floor_unpaired": round(tv_report(other_seeds, before)["mean"], 4)}
         sheets = [(f"base: a photo of a {subject.shape}", im) for im in before_images[:6]]
         for label, sets in (("prior", []), ("no-prior", ["prior.enabled=false"])):
-            sets = sets + ([f"train.steps={args.steps}"] if args.steps else [])
+            sets = sets + ([f"train.steps={args.steps}"] if args.steps else []) + args.sets
             cfg = build_config("world", overrides=sets, extra={
                 "data.images": str(photos), "data.class_noun": subject.shape, "model.path": args.model})
             run_dir = work / subject.name / label

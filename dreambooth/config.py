@@ -339,12 +339,18 @@ def build_config(
     for key, value in (extra or {}).items():
         if value is not None:
             set_value(cfg, key, value)
+    apply_overrides(cfg, overrides)
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | None, section: str | None = None) -> None:
+    """Apply ``--set key=value`` items; a bare key goes to ``section`` when one is given."""
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set expects key=value, got '{item}'")
-        set_value(cfg, key.strip(), value)
-    return cfg
+        key = key.strip()
+        set_value(cfg, f"{section}.{key}" if section and "." not in key else key, value)
 
 
 def save_config(cfg: Config, path: Path) -> None:

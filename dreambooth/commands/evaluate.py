@@ -6,6 +6,24 @@ import json
 from pathlib import Path
 
 
+def open_run(run: Path, checkpoint: str, dino: str | None, clip: str | None,
+             overrides: list[str] | None, section: str):
+    """(model, config, checkpoint name) of a run, with --dino/--clip and --set applied (bare
+    keys belong to ``section``): what `eval` and `sweep` start from."""
+    from dreambooth.checkpoint import load_checkpoint_model
+    from dreambooth.config import apply_overrides, set_value
+    from dreambooth.errors import DreamboothError
+
+    if not (run / "config.yaml").is_file():
+        raise DreamboothError(f"{run} is not a run directory (no config.yaml)")
+    model, cfg, name = load_checkpoint_model(run, checkpoint)
+    for key, value in (("eval.dino", dino), ("eval.clip", clip)):
+        if value is not None:
+            set_value(cfg, key, value)
+    apply_overrides(cfg, overrides, section)
+    return model, cfg, name
+
+
 def eval_run(run_dir: str, checkpoint: str = "final", dino: str | None = None,
              clip: str | None = None, overrides: list[str] | None = None) -> int:
     """Score a run (or one checkpoint of it) with the run's validation prompts and seeds.
@@ -23,24 +41,10 @@ def eval_run(run_dir: str, checkpoint: str = "final", dino: str | None = None,
         clip: local folder of openai/clip-vit-base-patch32 (or "tiny")
         overrides: eval settings, e.g. --set eval.num_images=4 --set eval.prompts="a {token} {class} in the snow"
     """
-    from dreambooth.checkpoint import load_checkpoint_model
-    from dreambooth.config import set_value
-    from dreambooth.errors import DreamboothError
     from dreambooth.validation import Evaluator
 
     run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
-        raise DreamboothError(f"{run} is not a run directory (no config.yaml)")
-    model, cfg, name = load_checkpoint_model(run, checkpoint)
-    for key, value in (("eval.dino", dino), ("eval.clip", clip)):
-        if value is not None:
-            set_value(cfg, key, value)
-    for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise DreamboothError(f"--set takes eval.KEY=VALUE here, got '{item}'")
-        key = key.strip()
-        set_value(cfg, key if key.startswith("eval.") else f"eval.{key}", value)
+    model, cfg, name = open_run(run, checkpoint, dino, clip, overrides, "eval")
     record = Evaluator(cfg, run)(model, f"eval-{name}")
     record["checkpoint"] = name
     with (run / "evals.jsonl").open("a") as f:

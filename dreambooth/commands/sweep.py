@@ -25,25 +25,12 @@ def sweep(run_dir: str, checkpoint: str = "final", dino: str | None = None, clip
         overrides: sweep settings, e.g. --set sweep.guidance=[3,5,7.5] --set sweep.schedulers=[dpmpp]
         progress: show a progress bar
     """
-    from dreambooth.checkpoint import load_checkpoint_model
+    from dreambooth.commands.evaluate import open_run
     from dreambooth.commands.sample import run_settings
-    from dreambooth.config import set_value
-    from dreambooth.errors import DreamboothError
     from dreambooth.sweep import Setting, grid, run_sweep
 
     run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
-        raise DreamboothError(f"{run} is not a run directory (no config.yaml)")
-    model, cfg, _ = load_checkpoint_model(run, checkpoint)
-    for key, value in (("eval.dino", dino), ("eval.clip", clip)):
-        if value is not None:
-            set_value(cfg, key, value)
-    for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise DreamboothError(f"--set takes sweep.KEY=VALUE here, got '{item}'")
-        key = key.strip()
-        set_value(cfg, key if "." in key else f"sweep.{key}", value)
+    model, cfg, _ = open_run(run, checkpoint, dino, clip, overrides, "sweep")
     sw = cfg.sweep
     lora = cfg.train.mode == "lora"
     settings = grid(sw.guidance, sw.steps, sw.schedulers, sw.lora_scales if lora else (1.0,))
