@@ -70,6 +70,9 @@ class TrainConfig:
     mode: str = _choices("full", "lora", default="full")
     train_text_encoder: bool = False
     text_encoder_steps: int = 0  # train the text encoder only for the first K steps (0: all)
+    # train only the identifier's input embedding (pivotal tuning); other prompts keep their
+    # exact conditioning, which helps prior preservation. Full mode; lr: text_encoder_lr
+    train_token: bool = False
     steps: int = 800
     batch_size: int = 1  # instance images per step (the prior half doubles the batch)
     grad_accum: int = 1

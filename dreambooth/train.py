@@ -82,7 +82,7 @@ def setup_trainable(model: BaseModel, cfg: Config) -> dict[str, torch.nn.Module]
         if m is not None:
             m.requires_grad_(False)
     modules = {"unet": model.unet}
-    if cfg.train.train_text_encoder:
+    if cfg.train.train_text_encoder or cfg.train.train_token:
         modules["text_encoder"] = model.text_encoder
     if cfg.train.mode == "lora":
         from peft import LoraConfig, inject_adapter_in_model
@@ -101,7 +101,22 @@ def setup_trainable(model: BaseModel, cfg: Config) -> dict[str, torch.nn.Module]
     else:
         for module in modules.values():
             module.requires_grad_(True)
+    if cfg.train.train_token and not cfg.train.train_text_encoder:
+        train_token_only(model.text_encoder, model.tokenizer, cfg.data.token)
     return modules
+
+
+def train_token_only(text_encoder, tokenizer, token: str) -> None:
+    """Freeze the text encoder except the input-embedding rows of ``token``'s BPE pieces: the
+    embedding matrix is trainable, and a gradient hook zeroes every other row (with Adam and no
+    weight decay on it, those rows then never move)."""
+    ids = tokenizer(token, add_special_tokens=False).input_ids
+    text_encoder.requires_grad_(False)
+    weight = text_encoder.get_input_embeddings().weight
+    mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype)
+    mask[ids] = 1.0
+    weight.requires_grad_(True)
+    weight.register_hook(lambda grad: grad * mask.to(grad.device, grad.dtype))
 
 
 def trainable_weights(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
@@ -114,8 +129,9 @@ def make_optimizer(cfg: Config, modules: dict[str, torch.nn.Module]) -> torch.op
     t = cfg.train
     groups = [{"params": [p for p in modules["unet"].parameters() if p.requires_grad], "lr": t.lr}]
     if "text_encoder" in modules:
+        token_only = t.train_token and not t.train_text_encoder  # no decay on untouched rows
         groups.append({"params": [p for p in modules["text_encoder"].parameters() if p.requires_grad],
-                       "lr": t.text_encoder_lr or t.lr})
+                       "lr": t.text_encoder_lr or t.lr, **({"weight_decay": 0.0} if token_only else {})})
     kwargs = dict(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
     if t.optimizer == "adamw8bit":
         try:
@@ -166,6 +182,10 @@ def resolve_run_config(cfg: Config, model: BaseModel) -> Config:
     else:
         for problem in check_token(cfg.data.token, model.tokenizer):
             print(f"warning: token '{cfg.data.token}': {problem}")
+    if cfg.train.train_token and cfg.train.mode == "lora":
+        raise TrainingError("train.train_token is for full fine-tuning: a LoRA final/ does not "
+                            "carry the text encoder's embeddings. Use train.train_text_encoder "
+                            "(LoRA on the text encoder) with train.mode=lora")
     if cfg.train.optimizer == "adamw8bit" and not torch.cuda.is_available():
         raise TrainingError("train.optimizer=adamw8bit needs a CUDA GPU (bitsandbytes); "
                             "use train.optimizer=adamw on CPU")

@@ -261,3 +261,23 @@ def test_lora_with_text_encoder_trains_and_reloads_both(photos, tmp_path):
         a = encode_prompts(tuned, ["a photo of waj toy"])["encoder_hidden_states"]
         b = encode_prompts(build_tiny(), ["a photo of waj toy"])["encoder_hidden_states"]
     assert not torch.allclose(a, b, atol=1e-4)
+
+
+def test_train_token_moves_only_the_identifier_embedding(photos, tmp_path):
+    """Pivotal tuning: the identifier's embedding row trains, every other text-encoder weight
+    (other rows included) stays bit-identical, so prompts without the identifier are unchanged."""
+    from dreambooth.models import build_tiny, encode_prompts
+
+    train(make_cfg(photos, "train.train_token=true", "train.text_encoder_lr=5e-2", "train.steps=3"),
+          tmp_path / "run", progress=False)
+    tuned, _ = load_run_model(tmp_path / "run")
+    base = build_tiny()
+    ids = base.tokenizer("waj", add_special_tokens=False).input_ids
+    before, after = base.text_encoder.state_dict(), tuned.text_encoder.state_dict()
+    emb = "embeddings.token_embedding.weight"
+    changed = (before[emb] != after[emb]).any(dim=1).nonzero().flatten().tolist()
+    assert changed == ids
+    assert all(torch.equal(before[k], after[k]) for k in before if k != emb)
+    with torch.no_grad():
+        same = [encode_prompts(m, ["a photo of a toy"])["encoder_hidden_states"] for m in (base, tuned)]
+    assert torch.equal(*same)

@@ -126,16 +126,21 @@ class Subject:
         return out
 
 
-    def save_photos(self, folder, n: int = 5, seed: int = 0) -> list:
-        """Write :meth:`photos` into ``folder`` as photo-0.png, photo-1.png, ...; return the paths."""
+    def save_photos(self, folder, n: int = 5, seed: int = 0, captions: bool = False) -> list:
+        """Write :meth:`photos` into ``folder`` as photo-0.png, photo-1.png, ...; return the paths.
+        ``captions``: also photo-N.txt naming the background ("a photo of {token} {class} on
+        the grass"), as a user would caption photos so the identifier need not carry the scene."""
         from pathlib import Path
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
-        for i, (image, _) in enumerate(self.photos(n, seed)):
+        for i, (image, scene) in enumerate(self.photos(n, seed)):
             paths.append(folder / f"photo-{i}.png")
             image.save(paths[-1])
+            if captions:
+                paths[-1].with_suffix(".txt").write_text(
+                    "a photo of {token} {class} " + BACKGROUND_PHRASES[scene.background] + "\n")
         return paths
 
 
