@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     from dreambooth.train import train
     from dreambooth.world.probe import load_probe, tv_report
     from dreambooth.world.render import held_out_subjects
-    from dreambooth.world.score import base_accuracy, class_samples, score_world
+    from dreambooth.world.score import base_accuracy, class_samples, score_world, vae_ceiling
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -55,14 +55,15 @@ def main(argv=None) -> int:
                "subjects": {}}
     print("base model:", json.dumps(results["base_accuracy"]))
     work = Path(tempfile.mkdtemp(prefix="world-quality-"))
-    for index in [int(i) for i in args.subjects.split(",")]:
+    for index in [int(i) for i in args.subjects.split(",") if i.strip()]:
         subject = held_out_subjects()[index]
         photos = work / subject.name / "photos"
-        subject.save_photos(photos, 5, seed=0)
+        subject.save_photos(photos, 5, seed=0, captions=True)
         n = args.class_samples
         before, before_images = class_samples(base, subject.shape, n, probe)
         other_seeds, _ = class_samples(base, subject.shape, n, probe, seed=99_000)
-        row = {"noise_floor_unpaired": round(tv_report(other_seeds, before)["mean"], 4)}
+        row = {"noise_floor_unpaired": round(tv_report(other_seeds, before)["mean"], 4),
+               "vae_ceiling": vae_ceiling(base, subject, probe=probe)}
         sheets = [(f"base: a photo of a {subject.shape}", im) for im in before_images[:6]]
         for label, sets in (("prior", []), ("no-prior", ["prior.enabled=false"])):
             sets = sets + ([f"train.steps={args.steps}"] if args.steps else []) + args.sets

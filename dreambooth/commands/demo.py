@@ -73,10 +73,11 @@ def demo(out: str = "dreambooth-demo", model: str = "auto", steps: int = 0, quic
         from dreambooth.world.render import held_out_subjects
 
         subject = held_out_subjects()[0]
-        subject.save_photos(root / "photos", 5, seed=0)
+        subject.save_photos(root / "photos", 5, seed=0, captions=True)
         noun, preset = subject.shape, "world"
         print(f"1/3 rendered 5 photos of a {subject.color} {subject.pattern} {subject.shape} "
-              f"with a {subject.mark} mark (a combination the base model never saw) in {root / 'photos'}")
+              f"with a {subject.mark} mark (a combination the base model never saw), each captioned "
+              f"with its background, in {root / 'photos'}")
     else:
         photos = paint_subject(root / "photos")
         noun, preset, subject = "toy", "tiny", None

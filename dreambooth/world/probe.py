@@ -15,7 +15,7 @@ Metrics are pure functions of readings (dicts as returned by :meth:`Probe.read`)
 - ``tv_distance(p, q) = 0.5 * sum |p - q|`` over the union of outcomes (missing = 0);
   ``tv_report`` gives it per factor, their mean, and on the joint of the factors.
 - ``diversity``: ``pose`` = mean pairwise Euclidean distance of (x, y, size) (image fractions;
-  about 0.29 for independent uniform poses of :func:`random_scene`), ``background`` = entropy of
+  about 0.22 for independent uniform poses of :func:`random_scene`), ``background`` = entropy of
   the background distribution divided by log(number of backgrounds) (0 = one background,
   1 = all six equally often).
 
@@ -315,7 +315,7 @@ def tv_report(readings, reference, factors=("shape", "color", "pattern", "backgr
 def diversity(readings) -> dict[str, float]:
     """{"pose": mean pairwise distance of (x, y, size), "background": normalized entropy}.
 
-    Works on readings (dicts) or Scenes. Independent uniform poses give pose about 0.29."""
+    Works on readings (dicts) or Scenes. Independent uniform poses give pose about 0.22."""
     pts = np.array([[_get(r, k) for k in POSE] for r in readings], dtype=np.float64)
     pairs = list(itertools.combinations(range(len(pts)), 2))
     pose = float(np.mean([np.linalg.norm(pts[i] - pts[j]) for i, j in pairs])) if pairs else 0.0

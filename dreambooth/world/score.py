@@ -101,3 +101,23 @@ def base_accuracy(model: BaseModel, n: int = 200, seed: int = 7, steps: int = 25
     out = {f: sum(r[f] == getattr(s, f) for r, s in zip(readings, scenes)) / n for f in factors}
     out["all"] = sum(all(r[f] == getattr(s, f) for f in factors) for r, s in zip(readings, scenes)) / n
     return out
+
+
+def vae_ceiling(model: BaseModel, subject: Subject, n: int = 20, probe=None) -> float:
+    """Subject fidelity of the subject's own photos after a VAE round trip (encode, decode):
+    no generated image can show what the VAE cannot reconstruct, so this bounds subject fidelity."""
+    import torch
+    from PIL import Image
+
+    from dreambooth.data import to_tensor
+    from dreambooth.models import encode_latents
+    from dreambooth.world.probe import load_probe, subject_fidelity
+
+    probe = probe or load_probe()
+    photos = [im for im, _ in subject.photos(n, seed=1)]
+    with torch.no_grad():
+        z = encode_latents(model, torch.stack([to_tensor(im) for im in photos]))
+        x = model.vae.decode(z / model.vae.config.scaling_factor).sample.clamp(-1, 1)
+    images = [Image.fromarray(((im.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype("uint8"))
+              for im in x]
+    return subject_fidelity(probe.read(images), subject)
