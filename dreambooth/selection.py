@@ -29,7 +29,7 @@ class Choice:
     prompt_fidelity: float
     reference: float  # the best prompt fidelity seen
     floor: float  # the prompt fidelity a candidate needed
-    candidates: int  # how many evaluations passed the floor
+    candidates: int  # how many choosable evaluations passed the floor
     why: str
 
 
@@ -38,17 +38,21 @@ def select_best(history: list[dict], floor: float = 0.9, allowed: set[int] | Non
     """The evaluation to keep (see the module docstring); None when nothing after step 0 was
     evaluated. ``allowed``: the steps that may be chosen (those whose weights still exist);
     every evaluation still counts for the reference."""
-    after = [h for h in history if h["step"] > 0 and (allowed is None or h["step"] in allowed)]
+    evaluated = [h for h in history if h["step"] > 0]
+    after = [h for h in evaluated if allowed is None or h["step"] in allowed]
     if not after:
         return None
     reference = max(h["prompt_fidelity"] for h in history)
     need = floor * reference if reference > 0 else reference
     passing = [h for h in after if h["prompt_fidelity"] >= need - 1e-12]
+    n_passing = sum(h["prompt_fidelity"] >= need - 1e-12 for h in evaluated)
     last = max(after, key=lambda h: h["step"])
     if passing:
         best = max(passing, key=lambda h: (h["fidelity"], h["prompt_fidelity"], -h["step"]))
-        why = (f"highest fidelity ({best['fidelity']:.4f}) among the {len(passing)} of {len(after)} "
+        why = (f"highest fidelity ({best['fidelity']:.4f}) among the {n_passing} of {len(evaluated)} "
                f"evaluations whose prompt fidelity is at least {floor:g} x {reference:.4f} = {need:.4f}")
+        if len(passing) < n_passing:
+            why += f" (of those, the {len(passing)} whose checkpoints were kept)"
     else:  # every step drifted below the floor: keep the one that drifted least
         best = max(after, key=lambda h: (h["prompt_fidelity"], h["fidelity"], -h["step"]))
         why = (f"no evaluation kept prompt fidelity above {floor:g} x {reference:.4f} = {need:.4f}; "

@@ -22,14 +22,15 @@ def test_loads_with_diffusers_and_records_how_it_was_made():
 
 
 def test_class_prompts_pass_a_quick_probe_check():
-    """The shipped model follows the background and color a caption asks for far above chance
-    (1/6 and 1/10). Measured on 200 images (docs/world.md): background 99.5%, color 84%; shape
-    (40%) and pattern (46.5%) are not learned well enough yet, so they are not asserted here."""
+    """The shipped model draws the shape, color and background a caption asks for. Measured on
+    200 images at 25 steps (docs/world.md): shape 98%, color 90.5%, background 99.5% (pattern
+    62%). Here 24 images at 15 steps (shape 1.0, color 0.92, background 1.0 when measured), with
+    a margin for other CPUs' float rounding."""
     from dreambooth.models import load_base_model
     from dreambooth.world.score import base_accuracy
 
     acc = base_accuracy(load_base_model("world"), n=24, steps=15)
-    assert acc["background"] >= 0.8 and acc["color"] >= 0.5, acc
+    assert acc["shape"] >= 0.85 and acc["color"] >= 0.8 and acc["background"] >= 0.85, acc
 
 
 def test_quick_demo_on_the_world_model(tmp_path, monkeypatch, capsys):
