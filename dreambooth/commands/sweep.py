@@ -26,7 +26,6 @@ def sweep(run_dir: str, checkpoint: str = "final", dino: str | None = None, clip
         progress: show a progress bar
     """
     from dreambooth.commands.evaluate import open_run
-    from dreambooth.commands.sample import run_settings
     from dreambooth.sweep import Setting, grid, run_sweep
 
     run = Path(run_dir)
@@ -34,8 +33,8 @@ def sweep(run_dir: str, checkpoint: str = "final", dino: str | None = None, clip
     sw = cfg.sweep
     lora = cfg.train.mode == "lora"
     settings = grid(sw.guidance, sw.steps, sw.schedulers, sw.lora_scales if lora else (1.0,))
-    d = run_settings(run, cfg)
-    default = Setting(float(d["guidance"]), int(d["steps"]), d["scheduler"], float(d["lora_scale"]))
+    s = cfg.sample  # the run's own defaults (not an earlier sweep's pick)
+    default = Setting(float(s.guidance), int(s.steps), s.scheduler, 1.0)
     result = run_sweep(run, settings, model, cfg, default, progress=progress)
     print(result["table"])
     b, h = result["best"], result["held_out"]
