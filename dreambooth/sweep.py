@@ -7,9 +7,10 @@ and the settings are ranked by
     score = (fidelity + prompt_fidelity) / 2
 
 (both higher-is-better; on the world model: subject factors matched and background right).
-The winner and the run's current defaults are then drawn on *held-out* prompts with other seeds,
-so the gain is measured on prompts the choice never saw. The winner is saved as
-RUN_DIR/sample-settings.json, which `dreambooth sample` uses by default.
+The winner and the run's defaults are then drawn on *held-out* prompts with other seeds, so the
+gain is measured on prompts the choice never saw. The winner is saved as
+RUN_DIR/sample-settings.json, which `dreambooth sample` uses by default, only if it also beats the
+defaults there; otherwise the defaults are saved, with the reason.
 
 Resumable: each setting's images and scores live in RUN_DIR/sweep/<setting>/; a setting whose
 scores.json exists is read back instead of drawn again.
@@ -124,10 +125,17 @@ def run_sweep(run_dir: str | Path, settings: list[Setting], model, cfg, default:
                     "prompt_fidelity": r["prompt_fidelity"]} for s, r in ranked],
     }
     (root / "results.json").write_text(json.dumps(summary, indent=1))
+    # Adopt the pick only if it also wins on the held-out prompts: near the top, the ranking on
+    # a few tuning prompts is often sampling noise, and the run's defaults are then the safer bet.
+    held_best, held_default = summary["held_out"]["best"]["score"], summary["held_out"]["default"]["score"]
+    adopted = best if held_best >= held_default else default
+    summary["adopted"] = {**adopted.kwargs(), "pick_confirmed": adopted == best}
     (run / "sample-settings.json").write_text(json.dumps({
-        **best.kwargs(), "chosen_by": "dreambooth sweep", "tuning_score": score(results[best]),
-        "held_out_score": summary["held_out"]["best"]["score"],
-        "default_held_out_score": summary["held_out"]["default"]["score"]}, indent=1))
+        **adopted.kwargs(), "chosen_by": "dreambooth sweep",
+        "why": ("the sweep's pick, confirmed on held-out prompts" if adopted == best else
+                "the run's defaults: the sweep's pick did not beat them on held-out prompts"),
+        "pick": best.kwargs(), "tuning_score": score(results[best]),
+        "held_out_score": held_best, "default_held_out_score": held_default}, indent=1))
     summary["table"] = md
     return summary
 

@@ -109,8 +109,13 @@ def test_sweep_ranks_saves_the_best_for_sample_and_resumes(runs, capsys):
     scores = [r["score"] for r in results["ranked"]]
     assert scores == sorted(scores, reverse=True)
     chosen = json.loads((run / "sample-settings.json").read_text())
-    assert {k: chosen[k] for k in ("guidance", "steps", "scheduler", "lora_scale")} == \
-        {k: results["ranked"][0][k] for k in ("guidance", "steps", "scheduler", "lora_scale")}
+    keys = ("guidance", "steps", "scheduler", "lora_scale")
+    pick = {k: results["ranked"][0][k] for k in keys}
+    held = results["held_out"]
+    # the pick is adopted only when it also wins on the held-out prompts
+    expected = pick if held["best"]["score"] >= held["default"]["score"] else results["default"]
+    assert {k: chosen[k] for k in keys} == {k: expected[k] for k in keys}
+    assert chosen["pick"] == pick
     assert (run / "sweep/grid.png").is_file() and "| 1 |" in (run / "sweep/results.md").read_text()
     first = run / "sweep/samples" / Setting(2.0, 2, "dpmpp", 0.5).name / "p00-seed2000.png"
     stamp = first.stat().st_mtime_ns

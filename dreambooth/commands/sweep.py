@@ -42,6 +42,8 @@ def sweep(run_dir: str, checkpoint: str = "final", dino: str | None = None, clip
           + (f", LoRA scale {b['lora_scale']:g}" if lora else "")
           + f" (score {b['score']:.4f}; {result['reused']} of {result['settings']} settings reused)")
     print(f"held-out prompts: best {h['best']['score']:.4f} vs the run's defaults {h['default']['score']:.4f}")
-    print(f"saved as {run / 'sample-settings.json'} (used by `dreambooth sample`); "
+    a = result["adopted"]
+    kept = "the pick" if a["pick_confirmed"] else "the run's defaults (the pick did not hold up)"
+    print(f"saved {kept} as {run / 'sample-settings.json'} (used by `dreambooth sample`); "
           f"table and grid in {run / 'sweep'}")
     return 0
