@@ -10,6 +10,7 @@ done, and N processes of batch b see the same samples as one process of batch NÂ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass, replace
@@ -295,34 +296,39 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
         train_te = "text_encoder" in modules and step < te_steps
         totals = torch.zeros(3, device=acc.device)
         for micro in range(accum):
-            ks = [((step * accum + micro) * world + rank) * b + j for j in range(b)]
-            x0, eps, ts, prompts = draw_samples(halves, ks, t.seed, num_train_t, t.noise_offset)
-            x0, eps, ts = x0.to(acc.device), eps.to(acc.device), ts.to(acc.device)
-            noisy = model.scheduler.add_noise(x0, eps, ts)
-            target = training_target(model.prediction_type, x0, eps, ts, acp)
-            with acc.autocast():
-                if train_te:
-                    cond = encode_prompts(te_model, prompts, acc.device)
-                else:
-                    if frozen_cond is None:
-                        with torch.no_grad():
-                            frozen_cond = {p: encode_prompts(model, [p], acc.device) for p in all_prompts}
-                    cond = frozen_cond[prompts[0]]
-                    for p in prompts[1:]:
-                        cond = concat_cond(cond, frozen_cond[p])
-                pred = wrapped["unet"](noisy, ts, **cond).sample
-            w = min_snr_weights(snr(ts.cpu(), acp), t.snr_gamma, model.prediction_type) \
-                if t.snr_gamma else None
-            parts = dreambooth_loss(pred, target, num_instance=b, prior_weight=cfg.prior.weight,
-                                    weights=w)
-            if not torch.isfinite(parts.total):
-                last = ckpt.latest_checkpoint(run_dir)
-                raise TrainingError(
-                    f"loss became {parts.total.item()} at step {step + 1}; stopped. "
-                    + (f"The last good checkpoint is {last}. " if last else "No checkpoint was written yet. ")
-                    + "Lower train.lr, turn on train.max_grad_norm, or use bf16 instead of fp16.")
-            acc.backward(parts.total / accum)
-            totals += torch.stack([parts.total, parts.instance, parts.prior]).detach() / accum
+            sync = contextlib.ExitStack()  # DDP: all-reduce gradients on the last micro-batch only
+            if micro < accum - 1:
+                for module in wrapped.values():
+                    sync.enter_context(acc.no_sync(module))
+            with sync:
+                ks = [((step * accum + micro) * world + rank) * b + j for j in range(b)]
+                x0, eps, ts, prompts = draw_samples(halves, ks, t.seed, num_train_t, t.noise_offset)
+                x0, eps, ts = x0.to(acc.device), eps.to(acc.device), ts.to(acc.device)
+                noisy = model.scheduler.add_noise(x0, eps, ts)
+                target = training_target(model.prediction_type, x0, eps, ts, acp)
+                with acc.autocast():
+                    if train_te:
+                        cond = encode_prompts(te_model, prompts, acc.device)
+                    else:
+                        if frozen_cond is None:
+                            with torch.no_grad():
+                                frozen_cond = {p: encode_prompts(model, [p], acc.device) for p in all_prompts}
+                        cond = frozen_cond[prompts[0]]
+                        for p in prompts[1:]:
+                            cond = concat_cond(cond, frozen_cond[p])
+                    pred = wrapped["unet"](noisy, ts, **cond).sample
+                w = min_snr_weights(snr(ts.cpu(), acp), t.snr_gamma, model.prediction_type) \
+                    if t.snr_gamma else None
+                parts = dreambooth_loss(pred, target, num_instance=b, prior_weight=cfg.prior.weight,
+                                        weights=w)
+                if not torch.isfinite(parts.total):
+                    last = ckpt.latest_checkpoint(run_dir)
+                    raise TrainingError(
+                        f"loss became {parts.total.item()} at step {step + 1}; stopped. "
+                        + (f"The last good checkpoint is {last}. " if last else "No checkpoint was written yet. ")
+                        + "Lower train.lr, turn on train.max_grad_norm, or use bf16 instead of fp16.")
+                acc.backward(parts.total / accum)
+                totals += torch.stack([parts.total, parts.instance, parts.prior]).detach() / accum
         if t.max_grad_norm:
             acc.clip_grad_norm_([p for m in modules.values() for p in m.parameters() if p.requires_grad],
                                 t.max_grad_norm)

@@ -90,10 +90,13 @@ def metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
-def test_two_processes_of_batch_1_equal_one_of_batch_2(shared, tmp_path, monkeypatch, mode):
+@pytest.mark.parametrize("mode, accum", [("full", 1), ("lora", 1), ("full", 2)],
+                         ids=["full", "lora", "full-accumulating"])
+def test_two_processes_of_batch_1_equal_one_of_batch_2(shared, tmp_path, monkeypatch, mode, accum):
+    """With accumulation the processes skip the all-reduce (no_sync) on all but the last
+    micro-batch of a step; the result must still equal one process."""
     photos, cache = shared
-    sets = [f"data.images={photos}", f"train.mode={mode}", *SETS]
+    sets = [f"data.images={photos}", f"train.mode={mode}", f"train.grad_accum={accum}", *SETS]
     monkeypatch.setenv("DREAMBOOTH_CACHE", str(cache))
     # The single process runs first and fills the class-image cache, so the two processes only
     # read it (the test is about training, not about two processes generating at once).
