@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/world_eval_curves.py --out docs/evaluation --steps 1600
 
-Trains the demo subject with the world preset for longer than the preset does, evaluating every
+Trains subject 0 (the one the world preset was chosen on) with the world preset for longer than the preset does, evaluating every
 --every steps with the world probes, then copies the run's curves, best.json, the evaluation
 records and the grids of the first, chosen and last evaluations into --out.
 """

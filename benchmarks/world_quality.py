@@ -3,8 +3,8 @@
     OMP_NUM_THREADS=1 python benchmarks/world_quality.py --out docs/world
 
 1. Base model: how often full captions draw the asked shape / color / pattern / background.
-2. For each evaluation subject (held-out combinations; subject 0 is the demo's and was used
-   while choosing the world preset, so it is reported apart): train with prior preservation and
+2. For each evaluation subject (held-out combinations; subject 0 was used while choosing the
+   world preset, so it is not reported): train with prior preservation and
    without, then score subject fidelity, prompt fidelity, prior distance (class prompt before vs
    after, same seeds) and diversity. Writes results.json and contact sheets into --out.
 """

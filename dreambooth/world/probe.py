@@ -323,7 +323,7 @@ def diversity(readings) -> dict[str, float]:
     ent = 0.0
     if len(counts):
         pr = counts / counts.sum()
-        ent = float(-(pr * np.log(pr)).sum() / math.log(len(BACKGROUNDS)))
+        ent = max(0.0, float(-(pr * np.log(pr)).sum() / math.log(len(BACKGROUNDS))))  # no -0.0
     return {"pose": pose, "background": ent}
 
 
