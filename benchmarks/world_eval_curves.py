@@ -25,8 +25,6 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], dest="sets")
     args = ap.parse_args(argv)
 
-    import base64
-
     import torch
 
     from dreambooth.config import build_config
@@ -48,8 +46,8 @@ def main(argv=None) -> int:
     history = eval_history(work / "run" / "metrics.jsonl")
     best = json.loads((work / "run" / "best.json").read_text())
     rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
-    for name, uri in (("loss.png", loss_figure(rows)), ("metrics.png", metric_figure(history, best["step"]))):
-        (out / name).write_bytes(base64.b64decode(uri.split(",", 1)[1]))
+    (out / "loss.png").write_bytes(loss_figure(rows))
+    (out / "metrics.png").write_bytes(metric_figure(history, best["step"]))
     for e in (history[0], next(h for h in history if h["step"] == best["step"]), history[-1]):
         shutil.copy(work / "run" / "samples" / e["name"] / "grid.png", out / f"grid-step-{e['step']}.png")
     (out / "results.json").write_text(json.dumps({

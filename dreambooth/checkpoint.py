@@ -110,10 +110,15 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Only a checkpoint's trainable weights (no optimizer state): to inspect or export a step."""
+    return load_file(str(Path(path) / "trainable.safetensors"))
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Everything a checkpoint holds, as tensors and dicts (RNG states are not applied here)."""
     return {
-        "weights": load_file(str(path / "trainable.safetensors")),
+        "weights": load_weights(path),
         "optimizer": torch.load(path / "optimizer.pt", weights_only=False),
         "lr_scheduler": torch.load(path / "lr_scheduler.pt", weights_only=False),
         "rng": torch.load(path / "rng.pt", weights_only=False),
@@ -147,7 +152,7 @@ def load_checkpoint_model(run_dir: Path, which: str = "final"):
     from dreambooth.config import load_config
     from dreambooth.errors import DreamboothError
     from dreambooth.models import load_configured
-    from dreambooth.train import setup_trainable
+    from dreambooth.train import copy_weights, setup_trainable, trainable_weights
 
     run_dir = Path(run_dir)
     if which == "best":
@@ -167,12 +172,5 @@ def load_checkpoint_model(run_dir: Path, which: str = "final"):
         raise DreamboothError(f"no checkpoint '{which}' in {run_dir}; it has: final, best, {names}")
     cfg = load_config(found[step] / "config.yaml")
     model = load_configured(cfg.model)
-    modules = setup_trainable(model, cfg)
-    weights = load_file(str(found[step] / "trainable.safetensors"))
-    for name, module in modules.items():
-        missing = module.load_state_dict({k[len(name) + 1:]: v for k, v in weights.items()
-                                          if k.startswith(name + ".")}, strict=False)
-        if missing.unexpected_keys:
-            raise DreamboothError(f"{found[step]} does not match the run's model: unexpected "
-                                  f"weights {missing.unexpected_keys[:3]}")
+    copy_weights(trainable_weights(setup_trainable(model, cfg)), load_weights(found[step]))
     return model, cfg, step_dir_name(step)

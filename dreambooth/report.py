@@ -26,17 +26,18 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _png(fig) -> str:
+def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return buf.getvalue()
 
 
-def _file_uri(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
-def loss_figure(rows: list[dict]) -> str | None:
+def loss_figure(rows: list[dict]) -> bytes | None:
+    """PNG of the loss curves (None when nothing was logged)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,12 +55,13 @@ def loss_figure(rows: list[dict]) -> str | None:
     ax.set_yscale("log")
     ax.set_title("training loss")
     ax.legend()
-    uri = _png(fig)
+    png = _png(fig)
     plt.close(fig)
-    return uri
+    return png
 
 
-def metric_figure(evals: list[dict], chosen: int | None) -> str | None:
+def metric_figure(evals: list[dict], chosen: int | None) -> bytes | None:
+    """PNG of every evaluated metric against the step, the chosen step dashed (None: none)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,9 +84,9 @@ def metric_figure(evals: list[dict], chosen: int | None) -> str | None:
         ax.axis("off")
     fig.suptitle("evaluation (dashed: chosen step)", fontsize=10)
     fig.tight_layout()
-    uri = _png(fig)
+    png = _png(fig)
     plt.close(fig)
-    return uri
+    return png
 
 
 def _fmt(v) -> str:
@@ -120,9 +122,9 @@ def write_report(run_dir: str | Path) -> Path:
                      "to evaluate during training and choose the best step).</p>")
 
     parts.append("<h2>Curves</h2>")
-    for uri, alt in ((loss_figure(rows), "loss curve"), (metric_figure(evals, chosen), "metric curves")):
-        if uri:
-            parts.append(f"<img class='plot' alt='{alt}' src='{uri}'>")
+    for png, alt in ((loss_figure(rows), "loss curve"), (metric_figure(evals, chosen), "metric curves")):
+        if png:
+            parts.append(f"<img class='plot' alt='{alt}' src='{_data_uri(png)}'>")
 
     if evals:
         keys = [k for k in CURVE_METRICS if any(k in e for e in evals)]
@@ -139,10 +141,10 @@ def write_report(run_dir: str | Path) -> Path:
             if grid.is_file():
                 star = " (chosen)" if e["step"] == chosen else ""
                 parts.append(f"<h3>step {e['step']}{star}</h3><img class='samples' "
-                             f"alt='samples at step {e['step']}' src='{_file_uri(grid)}'>")
+                             f"alt='samples at step {e['step']}' src='{_data_uri(grid.read_bytes())}'>")
     sheet = run_dir / "samples" / "final" / "contact-sheet.png"
     if sheet.is_file():
-        parts.append(f"<h2>Final samples</h2><img class='samples' alt='final samples' src='{_file_uri(sheet)}'>")
+        parts.append(f"<h2>Final samples</h2><img class='samples' alt='final samples' src='{_data_uri(sheet.read_bytes())}'>")
 
     parts.append("<h2>Config</h2><pre>" + html.escape(yaml.safe_dump(cfg, sort_keys=False)) + "</pre>")
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>DreamBooth report</title><style>"

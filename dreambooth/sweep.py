@@ -73,7 +73,7 @@ def run_sweep(run_dir: str | Path, settings: list[Setting], model, cfg, default:
     default on the held-out prompts; write the table, the grid image and sample-settings.json."""
     from tqdm.auto import tqdm
 
-    from dreambooth.data import contact_sheet
+    from dreambooth.data import contact_sheet, load_photo
     from dreambooth.validation import Evaluator
 
     run = Path(run_dir)
@@ -107,7 +107,7 @@ def run_sweep(run_dir: str | Path, settings: list[Setting], model, cfg, default:
         check[label] = (json.loads(done.read_text()) if done.is_file()
                         else held(model, f"held-out-{s.name}", **s.kwargs()))
 
-    firsts = [_open_image(root / "samples" / s.name / "p00-seed{}.png".format(sw.seed)) for s, _ in ranked]
+    firsts = [load_photo(root / "samples" / s.name / f"p00-seed{sw.seed}.png").image for s, _ in ranked]
     labels = [f"#{i} {s.scheduler} {s.steps} st g{s.guidance:g}" + (f" l{s.lora_scale:g}" if s.lora_scale != 1 else "")
               + f" {score(r):.2f}" for i, (s, r) in enumerate(ranked, 1)]
     contact_sheet(firsts, labels, cell=96).save(root / "grid.png")
@@ -139,9 +139,3 @@ def run_sweep(run_dir: str | Path, settings: list[Setting], model, cfg, default:
     summary["table"] = md
     return summary
 
-
-def _open_image(path: Path):
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return im.convert("RGB")

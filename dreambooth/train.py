@@ -126,6 +126,18 @@ def trainable_weights(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Te
             for p_name, p in m.named_parameters() if p.requires_grad}
 
 
+def copy_weights(weights: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> None:
+    """Put a checkpoint's tensors into the trainable ``weights`` (as ``trainable_weights`` names
+    them); the two must name the same tensors."""
+    if saved.keys() != weights.keys():
+        odd = sorted(saved.keys() ^ weights.keys())[:3]
+        raise TrainingError(f"the checkpoint does not match the model's trainable weights "
+                            f"({len(saved)} saved, {len(weights)} expected; e.g. {odd})")
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            weights[name].copy_(tensor)
+
+
 def make_optimizer(cfg: Config, modules: dict[str, torch.nn.Module]) -> torch.optim.Optimizer:
     t = cfg.train
     groups = [{"params": [p for p in modules["unet"].parameters() if p.requires_grad], "lr": t.lr}]
@@ -260,9 +272,7 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
         if last is None:
             raise TrainingError(f"nothing to resume in {run_dir}: it has no complete checkpoint")
         state = ckpt.load_checkpoint(last)
-        with torch.no_grad():
-            for name, tensor in state["weights"].items():
-                weights[name].copy_(tensor)
+        copy_weights(weights, state["weights"])
         optimizer.load_state_dict(state["optimizer"])
         lr_sched.load_state_dict(state["lr_scheduler"])
         ckpt.set_rng_state(state["rng"])
@@ -382,10 +392,8 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
             choice = (select_best(history, cfg.eval.prompt_floor, allowed=kept)
                       if cfg.eval.select_best else None)
             if choice is not None and choice.step != step:
-                state = ckpt.load_checkpoint(run_dir / "checkpoints" / ckpt.step_dir_name(choice.step))
-                with torch.no_grad():
-                    for name, tensor in state["weights"].items():
-                        weights[name].copy_(tensor)
+                copy_weights(weights, ckpt.load_weights(
+                    run_dir / "checkpoints" / ckpt.step_dir_name(choice.step)))
             final = save_final(model, modules, cfg, run_dir / "final", config_yaml)
             if choice is not None:
                 chosen = choice.step

@@ -257,8 +257,6 @@ def load_partial(out: str | Path, cfg: PretrainConfig | None = None) -> BaseMode
                          ("unet", {"unet": model.unet, "text_encoder": model.text_encoder})):
         last = ckpt.latest_checkpoint(Path(out) / stage)
         if last is not None:  # the weights only: optimizer state is not needed to inspect
-            from safetensors.torch import load_file
-
-            _load_modules(named, load_file(str(last / "trainable.safetensors")))
+            _load_modules(named, ckpt.load_weights(last))
     calibrate_vae(model.vae, cfg.calibration, cfg.size_range)
     return model
