@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="world")
     ap.add_argument("--set", action="append", default=[], dest="sets",
                     help="extra training settings for both runs, key=value (repeatable)")
+    ap.add_argument("--runs", default="prior,no-prior", help="which of the two runs to train")
+    ap.add_argument("--keep", default="", help="keep the runs (photos, run dirs) in this folder")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
                base_accuracy(base, n=args.base_samples, probe=probe) if args.base_samples else None,
                "subjects": {}}
     print("base model:", json.dumps(results["base_accuracy"]))
-    work = Path(tempfile.mkdtemp(prefix="world-quality-"))
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="world-quality-"))
     for index in [int(i) for i in args.subjects.split(",") if i.strip()]:
         subject = held_out_subjects()[index]
         photos = work / subject.name / "photos"
@@ -66,6 +68,8 @@ def main(argv=None) -> int:
                "vae_ceiling": vae_ceiling(base, subject, probe=probe)}
         sheets = [(f"base: a photo of a {subject.shape}", im) for im in before_images[:6]]
         for label, sets in (("prior", []), ("no-prior", ["prior.enabled=false"])):
+            if label not in args.runs.split(","):
+                continue
             sets = sets + ([f"train.steps={args.steps}"] if args.steps else []) + args.sets
             cfg = build_config("world", overrides=sets, extra={
                 "data.images": str(photos), "data.class_noun": subject.shape, "model.path": args.model})
@@ -83,7 +87,8 @@ def main(argv=None) -> int:
             out / f"{subject.name}.png")
     results["seconds"] = round(time.perf_counter() - started)
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    shutil.rmtree(work, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {out / 'results.json'} in {results['seconds']} s")
     return 0
 

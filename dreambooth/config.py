@@ -63,6 +63,10 @@ class PriorConfig:
     negative_prompt: str = ""
     batch_size: int = 4
     seed: int = 0
+    # What the class half is trained toward. "noise": the sampled noise, as in the paper.
+    # "base": the frozen base model's own prediction for the same noisy class image and prompt
+    # (distillation): the same fixed point, far less variance, so the class prompt drifts less.
+    target: str = _choices("noise", "base", default="noise")
 
 
 @dataclass
@@ -165,6 +169,7 @@ class SweepConfig:
         default_factory=lambda: ["a photo of {token} {class} on the water",
                                  "a photo of {token} {class} in the city"])
     num_images: int = 4  # per prompt
+    held_out_images: int = 0  # per held-out prompt (0: num_images); more seeds, a surer check
     seed: int = 2000
 
 

@@ -24,6 +24,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from dreambooth.errors import DreamboothError
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -67,8 +69,37 @@ def table(ranked: list[tuple[Setting, dict]], extra: tuple[str, ...] = ()) -> st
     return "\n".join(lines)
 
 
+class SweepError(DreamboothError):
+    pass
+
+
+def sweep_plan(cfg, checkpoint: str) -> dict:
+    """What a sweep's images and scores depend on besides the setting itself. A sweep folder
+    made under another plan cannot be resumed: its images answer a different question."""
+    sw, ev = cfg.sweep, cfg.eval
+    return {"checkpoint": checkpoint, "prompts": list(sw.prompts), "held_out": list(sw.held_out),
+            "num_images": sw.num_images, "held_out_images": sw.held_out_images or sw.num_images,
+            "seed": sw.seed, "metrics": ev.metrics, "dino": ev.dino, "clip": ev.clip}
+
+
+def check_plan(root: Path, plan: dict) -> None:
+    """Write ROOT/plan.json, or refuse when ROOT holds a sweep made under another plan."""
+    path = root / "plan.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in plan.items() if old.get(k) != v]
+        if changed:
+            raise SweepError(
+                f"{root} holds a sweep made with other settings ({'; '.join(changed)}), so its "
+                f"images cannot be reused. Sweep with the same settings to resume it, or move "
+                f"{root} aside (nothing is deleted for you) to start a new one.")
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(plan, indent=1))
+
+
 def run_sweep(run_dir: str | Path, settings: list[Setting], model, cfg, default: Setting,
-              progress: bool = True) -> dict:
+              progress: bool = True, checkpoint: str = "final") -> dict:
     """Score every setting on the tuning prompts (reusing finished ones), then the best and the
     default on the held-out prompts; write the table, the grid image and sample-settings.json."""
     from tqdm.auto import tqdm
@@ -79,13 +110,14 @@ def run_sweep(run_dir: str | Path, settings: list[Setting], model, cfg, default:
     run = Path(run_dir)
     root = run / "sweep"
     sw = cfg.sweep
+    check_plan(root, sweep_plan(cfg, checkpoint))
 
-    def evaluator(prompts, seed) -> Evaluator:
+    def evaluator(prompts, seed, n) -> Evaluator:
         c = copy.deepcopy(cfg)
-        c.eval.prompts, c.eval.num_images, c.eval.seed, c.eval.class_images = prompts, sw.num_images, seed, 0
+        c.eval.prompts, c.eval.num_images, c.eval.seed, c.eval.class_images = prompts, n, seed, 0
         return Evaluator(c, root)
 
-    tune = evaluator(sw.prompts, sw.seed)
+    tune = evaluator(sw.prompts, sw.seed, sw.num_images)
     results, reused = {}, 0
     bar = tqdm(total=len(settings), desc="sweep", unit="setting", disable=not progress)
     for s in settings:
@@ -100,7 +132,7 @@ def run_sweep(run_dir: str | Path, settings: list[Setting], model, cfg, default:
     ranked = rank(results)
     best = ranked[0][0]
 
-    held = evaluator(sw.held_out, sw.seed + 10_000)
+    held = evaluator(sw.held_out, sw.seed + 10_000, sw.held_out_images or sw.num_images)
     check = {}
     for label, s in (("best", best), ("default", default)):
         done = root / "samples" / f"held-out-{s.name}" / "scores.json"
@@ -120,6 +152,7 @@ def run_sweep(run_dir: str | Path, settings: list[Setting], model, cfg, default:
         "held_out": {k: {"score": score(v), "fidelity": v["fidelity"],
                          "prompt_fidelity": v["prompt_fidelity"]} for k, v in check.items()},
         "prompts": sw.prompts, "held_out_prompts": sw.held_out, "seeds": sw.num_images,
+        "held_out_seeds": sw.held_out_images or sw.num_images,
         "settings": len(settings), "reused": reused,
         "ranked": [{**s.kwargs(), "score": score(r), "fidelity": r["fidelity"],
                     "prompt_fidelity": r["prompt_fidelity"]} for s, r in ranked],

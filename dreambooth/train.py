@@ -107,6 +107,37 @@ def setup_trainable(model: BaseModel, cfg: Config) -> dict[str, torch.nn.Module]
     return modules
 
 
+def base_prediction(model: BaseModel, cfg: Config, class_prompt: str, n: int, device, dtype):
+    """``f(noisy, timesteps)``: the frozen base UNet's prediction for ``n`` class images under the
+    class prompt (``prior.target: base``). Call it before any weight changes. Full fine-tuning
+    keeps a frozen copy of the UNet (half precision on GPU); LoRA runs the same UNet with its
+    adapters switched off, which costs no memory. The prompt is encoded now, by the base text
+    encoder, so text-encoder training does not move the target."""
+    import copy
+
+    with torch.no_grad():
+        cond = encode_prompts(model, [class_prompt], device)
+    conds = cond
+    for _ in range(n - 1):
+        conds = concat_cond(conds, cond)
+    if cfg.train.mode == "lora":
+        unet = model.unet
+
+        def predict(noisy, timesteps):
+            unet.disable_adapters()
+            try:
+                return unet(noisy, timesteps, **conds).sample
+            finally:
+                unet.enable_adapters()
+        return predict
+    frozen = copy.deepcopy(model.unet).requires_grad_(False).eval()
+    frozen.to(device, dtype=dtype) if device.type == "cuda" else frozen.to(device)
+
+    def predict(noisy, timesteps):
+        return frozen(noisy.to(frozen.dtype), timesteps, **conds).sample
+    return predict
+
+
 def train_token_only(text_encoder, tokenizer, token: str) -> None:
     """Freeze the text encoder except the input-embedding rows of ``token``'s BPE pieces: the
     embedding matrix is trainable, and a gradient hook zeroes every other row (with Adam and no
@@ -248,6 +279,8 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
             prior_set = class_images(model, cfg, class_prompt, progress=progress and acc.is_main_process)
             class_latents = encode_images(model, prior_set.paths, cfg.data.resolution, prior_set.folder)
     modules = setup_trainable(model, cfg)
+    reference = (base_prediction(model, cfg, class_prompt, t.batch_size, acc.device, low)
+                 if use_prior and cfg.prior.target == "base" else None)  # before any weight changes
     if t.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         if "text_encoder" in modules:
@@ -316,6 +349,9 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
                 x0, eps, ts = x0.to(acc.device), eps.to(acc.device), ts.to(acc.device)
                 noisy = model.scheduler.add_noise(x0, eps, ts)
                 target = training_target(model.prediction_type, x0, eps, ts, acp)
+                if reference is not None:  # prior.target "base": the class half distils the base
+                    with torch.no_grad(), acc.autocast():
+                        target = torch.cat([target[:b], reference(noisy[b:], ts[b:]).to(target.dtype)])
                 with acc.autocast():
                     if train_te:
                         cond = encode_prompts(te_model, prompts, acc.device)

@@ -125,3 +125,7 @@ def test_sweep_ranks_saves_the_best_for_sample_and_resumes(runs, capsys):
     assert first.stat().st_mtime_ns == stamp
     assert main(["sample", str(run), "--prompt", "my toy", "--n", "1", "--no-progress"]) == 0
     assert "chosen by `dreambooth sweep`" in capsys.readouterr().out
+    # other seeds would make the saved images answer another question: refused, nothing deleted
+    assert main(args + ["--set", "sweep.num_images=2"]) == 2
+    assert "num_images: 1 -> 2" in capsys.readouterr().err
+    assert first.stat().st_mtime_ns == stamp

@@ -97,12 +97,29 @@ def test_prior_half_is_weighted_by_lambda(photos, tmp_path):
     assert all(m["prior_loss"] == 0 for m in metrics(tmp_path / "none"))
 
 
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_base_target_distils_the_frozen_base_model(photos, tmp_path, mode):
+    # prior.target=base: the class half's target is the base model's own prediction, so before the
+    # first update the prior loss is zero (full: a frozen copy; LoRA: adapters off, and
+    # they start as zero). After an update it is not, and the paper's noise target never is.
+    sets = [f"train.mode={mode}", "train.lr=1e-2", "train.steps=3", "train.train_text_encoder=true"]
+    train(make_cfg(photos, *sets, "prior.target=base"), tmp_path / "base", progress=False)
+    train(make_cfg(photos, *sets, "prior.target=noise"), tmp_path / "noise", progress=False)
+    base, noise = metrics(tmp_path / "base"), metrics(tmp_path / "noise")
+    assert base[0]["prior_loss"] < 1e-10  # not bit-exact: batched vs single prompt encoding
+    assert all(m["prior_loss"] > 0 for m in base[1:]), base
+    assert all(m["prior_loss"] > 0.05 for m in noise), noise
+    assert [m["instance_loss"] for m in base][0] == noise[0]["instance_loss"]
+
+
 @pytest.mark.parametrize("sets", [
     ["train.mode=full"],
     ["train.mode=lora", "train.lr=1e-2"],
     ["train.mode=full", "train.train_text_encoder=true", "train.text_encoder_steps=3"],
     ["train.mode=lora", "train.lr=1e-2", "train.train_text_encoder=true"],
-], ids=["full", "lora", "full+text-encoder", "lora+text-encoder"])
+    ["train.mode=full", "prior.target=base", "train.train_text_encoder=true"],
+    ["train.mode=lora", "train.lr=1e-2", "prior.target=base"],
+], ids=["full", "lora", "full+text-encoder", "lora+text-encoder", "full+base-target", "lora+base-target"])
 def test_resume_gives_identical_weights(photos, tmp_path, sets):
     cfg = make_cfg(photos, "train.steps=4", "train.lr_scheduler=cosine", "train.warmup_steps=1", *sets)
     straight = train(cfg, tmp_path / "straight", progress=False)

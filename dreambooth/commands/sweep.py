@@ -35,7 +35,7 @@ def sweep(run_dir: str, checkpoint: str = "final", dino: str | None = None, clip
     settings = grid(sw.guidance, sw.steps, sw.schedulers, sw.lora_scales if lora else (1.0,))
     s = cfg.sample  # the run's own defaults (not an earlier sweep's pick)
     default = Setting(float(s.guidance), int(s.steps), s.scheduler, 1.0)
-    result = run_sweep(run, settings, model, cfg, default, progress=progress)
+    result = run_sweep(run, settings, model, cfg, default, progress=progress, checkpoint=checkpoint)
     print(result["table"])
     b, h = result["best"], result["held_out"]
     print(f"\nbest: {b['scheduler']}, {b['steps']} steps, guidance {b['guidance']:g}"

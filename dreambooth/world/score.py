@@ -29,6 +29,7 @@ class WorldScores:
     prompt_fidelity: float
     prior_distance: dict[str, float]
     diversity: dict[str, float]
+    factor_match: dict[str, float] = field(default_factory=dict)  # per identity factor
     images: list = field(default_factory=list, repr=False)  # (prompt, seed, PIL image)
     class_images: list = field(default_factory=list, repr=False)  # class prompt, after tuning
 
@@ -36,7 +37,8 @@ class WorldScores:
         return {"subject_fidelity": round(self.subject_fidelity, 4),
                 "prompt_fidelity": round(self.prompt_fidelity, 4),
                 "prior_distance": {k: round(v, 4) for k, v in self.prior_distance.items()},
-                "diversity": {k: round(v, 4) for k, v in self.diversity.items()}}
+                "diversity": {k: round(v, 4) for k, v in self.diversity.items()},
+                "factor_match": {k: round(v, 4) for k, v in self.factor_match.items()}}
 
 
 def class_samples(model: BaseModel, shape: str, n: int, probe, steps: int = 25,
@@ -74,6 +76,8 @@ def score_world(tuned: BaseModel, subject: Subject, token: str, *, base: BaseMod
         prompt_fidelity=prompt_fidelity([r for r, _ in in_context], [b for _, b in in_context]),
         prior_distance=tv_report(after, base_readings, factors=("shape", "color", "pattern", "background")),
         diversity=diversity(plain),
+        factor_match={k: sum(r[k] == getattr(subject, k) for r in readings) / len(readings)
+                      for k in ("shape", "color", "pattern", "mark")},
         images=[(p, s, im) for (p, _, s), im in zip(pairs, images)], class_images=after_images)
 
 
