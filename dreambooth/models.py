@@ -21,7 +21,8 @@ from dreambooth.errors import ModelError
 TINY_NAMES = ("tiny", "tiny-sd2", "tiny-sdxl")
 WORLD_MODEL = Path(__file__).parent / "world" / "model"  # the shipped self-trained base model
 EXPECTED = "model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/"
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")  # single files that unpickle (trust_pickle)
+SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 
 
 @dataclass
@@ -88,7 +89,7 @@ def folder_identity(folder: Path) -> str:
     h = hashlib.sha256()
     files = [folder] if folder.is_file() else sorted(folder.rglob("*"))
     for f in files:
-        if f.suffix in {".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".json", ".txt"} and f.is_file():
+        if f.suffix in (*SINGLE_FILE_SUFFIXES, ".json", ".txt") and f.is_file():
             size = f.stat().st_size
             h.update(f"{f.name if f == folder else f.relative_to(folder)}:{size}".encode())
             with f.open("rb") as fh:

@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from dreambooth.errors import ModelError
-from dreambooth.models import BaseModel
+from dreambooth.models import PICKLE_SUFFIXES, BaseModel
 
 SHIPPED = Path(__file__).parent / "assets" / "single-file"
 ARCH_FOLDERS = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl"}
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 V_PRED_MARKER = "v_pred"  # an empty tensor ComfyUI and Forge read as "v-prediction model"
 
 

@@ -110,7 +110,8 @@ def run_sweep(run_dir: str | Path, settings: list[Setting], model, cfg, default:
     run = Path(run_dir)
     root = run / "sweep"
     sw = cfg.sweep
-    check_plan(root, sweep_plan(cfg, checkpoint))
+    plan = sweep_plan(cfg, checkpoint)
+    check_plan(root, plan)
 
     def evaluator(prompts, seed, n) -> Evaluator:
         c = copy.deepcopy(cfg)
@@ -132,7 +133,7 @@ def run_sweep(run_dir: str | Path, settings: list[Setting], model, cfg, default:
     ranked = rank(results)
     best = ranked[0][0]
 
-    held = evaluator(sw.held_out, sw.seed + 10_000, sw.held_out_images or sw.num_images)
+    held = evaluator(sw.held_out, sw.seed + 10_000, plan["held_out_images"])
     check = {}
     for label, s in (("best", best), ("default", default)):
         done = root / "samples" / f"held-out-{s.name}" / "scores.json"
@@ -152,7 +153,7 @@ def run_sweep(run_dir: str | Path, settings: list[Setting], model, cfg, default:
         "held_out": {k: {"score": score(v), "fidelity": v["fidelity"],
                          "prompt_fidelity": v["prompt_fidelity"]} for k, v in check.items()},
         "prompts": sw.prompts, "held_out_prompts": sw.held_out, "seeds": sw.num_images,
-        "held_out_seeds": sw.held_out_images or sw.num_images,
+        "held_out_seeds": plan["held_out_images"],
         "settings": len(settings), "reused": reused,
         "ranked": [{**s.kwargs(), "score": score(r), "fidelity": r["fidelity"],
                     "prompt_fidelity": r["prompt_fidelity"]} for s, r in ranked],

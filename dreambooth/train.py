@@ -107,6 +107,12 @@ def setup_trainable(model: BaseModel, cfg: Config) -> dict[str, torch.nn.Module]
     return modules
 
 
+def place_frozen(module: torch.nn.Module, device, dtype) -> torch.nn.Module:
+    """Move a module that is not trained to ``device``: in ``dtype`` (the mixed-precision one)
+    on GPU, which halves its memory; as it is on CPU."""
+    return module.to(device, dtype=dtype) if device.type == "cuda" else module.to(device)
+
+
 def base_prediction(model: BaseModel, cfg: Config, class_prompt: str, n: int, device, dtype):
     """``f(noisy, timesteps)``: the frozen base UNet's prediction for ``n`` class images under the
     class prompt (``prior.target: base``). Call it before any weight changes. Full fine-tuning
@@ -130,8 +136,7 @@ def base_prediction(model: BaseModel, cfg: Config, class_prompt: str, n: int, de
             finally:
                 unet.enable_adapters()
         return predict
-    frozen = copy.deepcopy(model.unet).requires_grad_(False).eval()
-    frozen.to(device, dtype=dtype) if device.type == "cuda" else frozen.to(device)
+    frozen = place_frozen(copy.deepcopy(model.unet).requires_grad_(False).eval(), device, dtype)
 
     def predict(noisy, timesteps):
         return frozen(noisy.to(frozen.dtype), timesteps, **conds).sample
@@ -266,8 +271,8 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
     config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     low = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
     for frozen in (model.vae, model.text_encoder, model.text_encoder_2):
-        if frozen is not None:  # frozen parts in half precision on GPU: half the memory
-            frozen.to(acc.device, dtype=low) if acc.device.type == "cuda" else frozen.to(acc.device)
+        if frozen is not None:
+            place_frozen(frozen, acc.device, low)
     model.unet.to(acc.device)
 
     # 2. Data, encoded once: instance latents, class latents, prompt embeddings.

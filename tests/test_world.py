@@ -138,6 +138,7 @@ def test_metrics_on_hand_made_readings():
     sub = W.Subject("star", "red", "plain", "dot")
     readings = [_r(), _r(mark="none"), _r(color="blue", background="snow"), _r(background="snow")]
     assert P.subject_fidelity(readings, sub) == 0.5
+    assert P.factor_match(readings, sub) == {"shape": 1.0, "color": 0.75, "pattern": 1.0, "mark": 0.75}
     assert P.prompt_fidelity(readings, "beach") == 0.5
     assert P.prompt_fidelity(readings, ["beach", "snow", "snow", "snow"]) == 0.75
     dist = P.factor_distribution(readings, factors=("color", "background"))

@@ -269,6 +269,14 @@ def subject_fidelity(readings, subject) -> float:
     return sum(all(_get(r, k) == _get(subject, k) for k in IDENTITY) for r in readings) / len(readings)
 
 
+def factor_match(readings, subject) -> dict[str, float]:
+    """For each identity factor, the fraction of readings that show the subject's value: which
+    factor keeps ``subject_fidelity`` down."""
+    if not readings:
+        return {k: float("nan") for k in IDENTITY}
+    return {k: sum(_get(r, k) == _get(subject, k) for r in readings) / len(readings) for k in IDENTITY}
+
+
 def prompt_fidelity(readings, backgrounds) -> float:
     """Fraction of readings whose background is the prompt's: ``backgrounds`` is one name for all
     readings or a list with one name per reading."""

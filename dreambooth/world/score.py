@@ -58,7 +58,8 @@ def score_world(tuned: BaseModel, subject: Subject, token: str, *, base: BaseMod
                 steps: int = 25, guidance: float = 5.0, probe=None) -> WorldScores:
     """Generate and score; the base model's class readings may be passed in to reuse them."""
     from dreambooth.sample import generate
-    from dreambooth.world.probe import diversity, load_probe, prompt_fidelity, subject_fidelity, tv_report
+    from dreambooth.world.probe import (diversity, factor_match, load_probe, prompt_fidelity,
+                                        subject_fidelity, tv_report)
 
     probe = probe or load_probe()
     prompts = subject_prompts(token, subject.shape)
@@ -76,8 +77,7 @@ def score_world(tuned: BaseModel, subject: Subject, token: str, *, base: BaseMod
         prompt_fidelity=prompt_fidelity([r for r, _ in in_context], [b for _, b in in_context]),
         prior_distance=tv_report(after, base_readings, factors=("shape", "color", "pattern", "background")),
         diversity=diversity(plain),
-        factor_match={k: sum(r[k] == getattr(subject, k) for r in readings) / len(readings)
-                      for k in ("shape", "color", "pattern", "mark")},
+        factor_match=factor_match(readings, subject),
         images=[(p, s, im) for (p, _, s), im in zip(pairs, images)], class_images=after_images)
 
 
