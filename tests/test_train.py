@@ -109,7 +109,7 @@ def test_base_target_distils_the_frozen_base_model(photos, tmp_path, mode):
     assert base[0]["prior_loss"] < 1e-10  # not bit-exact: batched vs single prompt encoding
     assert all(m["prior_loss"] > 0 for m in base[1:]), base
     assert all(m["prior_loss"] > 0.05 for m in noise), noise
-    assert [m["instance_loss"] for m in base][0] == noise[0]["instance_loss"]
+    assert base[0]["instance_loss"] == noise[0]["instance_loss"]
 
 
 @pytest.mark.parametrize("sets", [
