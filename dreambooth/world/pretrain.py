@@ -46,10 +46,10 @@ class PretrainConfig:
     text_hidden: int = 64
     unet_channels: tuple[int, int, int] = (32, 64, 128)
     max_tokens: int = 32  # world captions are short; pipelines pad prompts to this length
-    # Object size ranges of the pretraining renders (fractions of the width). The VAE learned on
-    # 0.25-0.50 (pinned: its stage is reused as it was); the UNet learns on the renderer's range,
-    # where shapes and patterns span 7-11 cells of the 16x16 latent grid instead of 4-8.
-    vae_size_range: tuple[float, float] = (0.25, 0.5)
+    # Object size ranges of the pretraining renders (fractions of the width). The VAE learns on
+    # small and large objects alike; the UNet learns on the renderer's range, where shapes and
+    # patterns span 7-11 cells of the 16x16 latent grid.
+    vae_size_range: tuple[float, float] = (0.25, 0.7)
     size_range: tuple[float, float] = (0.45, 0.7)
 
 

@@ -21,7 +21,7 @@ Metrics are pure functions of readings (dicts as returned by :meth:`Probe.read`)
 
 Retrain and rewrite the shipped files::
 
-    python -m dreambooth.world.probe --train --steps 2200 --out dreambooth/world/
+    python -m dreambooth.world.probe --train --steps 3000 --out dreambooth/world/
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def evaluate(model: ProbeNet, n: int = 1000, seed: int = EVAL_SEED, aug: bool = 
     return acc
 
 
-def train_probe(steps: int = 2200, seed: int = 0, batch: int = 64, lr: float = 3e-3,
+def train_probe(steps: int = 3000, seed: int = 0, batch: int = 64, lr: float = 3e-3,
                 widths=(16, 32, 48, 64, 96), hidden: int = 160, log_every: int = 100):
     """Train a probe on fresh renders (every step draws new scenes); -> (model, accuracy dict)."""
     torch.manual_seed(seed)
@@ -341,7 +341,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m dreambooth.world.probe", description=__doc__.split("\n")[0])
     ap.add_argument("--train", action="store_true", help="train a probe and write it to --out")
     ap.add_argument("--eval", action="store_true", help="measure the probe in --out on fresh renders")
-    ap.add_argument("--steps", type=int, default=2200)
+    ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)

@@ -13,7 +13,7 @@ inside the body and move with the object.
 
 Held-out rule (what the base model never sees in pretraining): the (shape, color, pattern)
 triples of :data:`SUBJECTS` never occur in :func:`sample_pretraining`, with any mark or
-background. Marks do occur there, on 10% of scenes, and captions never mention them: the VAE
+background. Marks do occur there, on 20% of scenes, and captions never mention them: the VAE
 and UNet learn to draw marks, but no words bind them, so a DreamBooth token has to learn the
 subject's mark from its photos. Pretraining captions drop the color, the pattern and the
 background independently (30% each), so the class prompt "a photo of a star" is a caption the
@@ -57,11 +57,12 @@ BACKGROUND_PHRASES = {
 FACTORS = ("shape", "color", "pattern", "mark", "background")
 SIZE_RANGE = (0.45, 0.7)  # object bounding-box side / image width (29-45 px at 64 px)
 # The probe reads a wider range, so that it can judge any object a model draws.
-PROBE_SIZE_RANGE = (0.25, 0.75)
+PROBE_SIZE_RANGE = (0.35, 0.75)
 MARGIN = 0.03  # the object (outline included) stays this far inside the image
 OUTLINE = (20, 20, 20)
-PRETRAIN_MARK_RATE = 0.1
+PRETRAIN_MARK_RATE = 0.2
 PRETRAIN_DROP = 0.3  # chance that a pretraining caption leaves out color / pattern / background
+MARK_SCALE = 0.42  # mark diameter / object side: 1.5-2.4 cells of the 16x16 latent grid
 SUPER = 4  # object layers are drawn at 4x and box-filtered down (anti-aliasing)
 
 # Where marks sit, in the object's unit bounding box: inside the thick part of each body.
@@ -373,7 +374,7 @@ def _mark_layer(mark: str, shape: str, s: int) -> tuple[np.ndarray, np.ndarray]:
     da, dv = ImageDraw.Draw(a_img), ImageDraw.Draw(v_img)
     au, av = MARK_ANCHOR[shape]
     cx, cy = (pad + au * s) * SUPER, (pad + av * s) * SUPER
-    m = max(5.0, 0.3 * s) * SUPER  # mark diameter in hi-res px
+    m = max(7.0, MARK_SCALE * s) * SUPER  # mark diameter in hi-res px
     halo = SUPER  # one output pixel
 
     def disc(x, y, r, core_white):
@@ -385,16 +386,16 @@ def _mark_layer(mark: str, shape: str, s: int) -> tuple[np.ndarray, np.ndarray]:
     if mark == "dot":  # white disc, black rim
         disc(cx, cy, m / 2 - halo, core_white=True)
     elif mark == "eyes":  # two black dots, white halo
-        r = max(1.5, 0.08 * s) * SUPER
+        r = max(2.0, 0.11 * s) * SUPER
         for sx in (-1, 1):
             disc(cx + sx * 1.25 * (r + halo), cy, r, core_white=False)
     elif mark == "cross":  # black X, white halo
-        h, w = m / 2 - halo / 2, max(1.4, s / 18) * SUPER
+        h, w = m / 2 - halo / 2, max(2.0, s / 11) * SUPER
         for d, fill, width in ((da, 255, w + 2 * halo), (dv, 255, w + 2 * halo), (da, 255, w), (dv, 0, w)):
             d.line((cx - h, cy - h, cx + h, cy + h), fill=fill, width=round(width))
             d.line((cx - h, cy + h, cx + h, cy - h), fill=fill, width=round(width))
     elif mark == "band":  # black horizontal band with white edges, across the body
-        hb = max(1.5, 0.09 * s) * SUPER
+        hb = max(2.0, 0.12 * s) * SUPER
         da.rectangle((0, cy - hb - halo, p * SUPER, cy + hb + halo), fill=255)
         dv.rectangle((0, cy - hb - halo, p * SUPER, cy + hb + halo), fill=255)
         dv.rectangle((0, cy - hb, p * SUPER, cy + hb), fill=0)
