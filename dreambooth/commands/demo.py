@@ -73,8 +73,8 @@ def demo(out: str = "dreambooth-demo", model: str = "auto", steps: int = 0, quic
     if model == "world":
         from dreambooth.world.render import held_out_subjects
 
-        # The white striped kite with a band: a subject whose mark survives the VAE (its VAE
-        # ceiling is 1.0; subject 0's, used while choosing the preset, is 0.3), see docs/world.md.
+        # The white striped kite with a band: a combination the base model never saw, whose
+        # mark survives the VAE round trip (VAE ceiling 1.0, docs/world.md).
         subject = held_out_subjects()[DEMO_SUBJECT]
         subject.save_photos(root / "photos", 5, seed=0, captions=True)
         noun, preset = subject.shape, "world"
