@@ -27,7 +27,7 @@ def train(
         class_noun: the subject's class noun, e.g. dog, backpack, mug
         token: identifier for the subject (default: the top pick of `dreambooth tokens`)
         model: base model: a local diffusers folder, a single-file .safetensors checkpoint (SD 1.x/2.x/XL), or tiny
-        preset: a preset from dreambooth/configs (tiny, world, sd15-full, sd15-lora, sd21-full, sdxl-lora)
+        preset: a preset name from dreambooth/configs (an unknown name prints the list)
         config: a YAML config file (applied after the preset)
         overrides: key=value (repeatable), e.g. --set lr=1e-4 --set train.steps=400
         out: run directory to create (config.yaml, metrics.jsonl, checkpoints/, final/)
