@@ -75,6 +75,7 @@ def main(argv=None) -> int:
         for label, sets in (("prior", []), ("no-prior", ["prior.enabled=false"])):
             if label not in args.runs.split(","):
                 continue
+            runs = []  # one summary per training seed
             for i, train_seed in enumerate(seeds):
                 name = label if i == 0 else f"{label}@seed{train_seed}"
                 cfg = build_config("world", overrides=[
@@ -87,12 +88,12 @@ def main(argv=None) -> int:
                 s = score_world(tuned, subject, cfg.data.token, base_readings=before, n_class=n,
                                 probe=probe)
                 row[name] = s.summary()
+                runs.append(row[name])
                 print(subject.name, name, json.dumps(row[name]))
                 if i == 0:
                     sheets += [(f"{label}: {p}", im) for p, seed, im in s.images if seed < 2]
                     sheets += [(f"{label}: a photo of a {subject.shape}", im) for im in s.class_images[:6]]
-            if len(seeds) > 1:
-                runs = [row[label]] + [row[f"{label}@seed{x}"] for x in seeds[1:]]
+            if len(runs) > 1:
                 row[f"{label}-mean"] = {
                     "seeds": seeds,
                     "subject_fidelity": round(sum(r["subject_fidelity"] for r in runs) / len(runs), 4),
