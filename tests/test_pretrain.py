@@ -8,7 +8,7 @@ import torch
 from dreambooth import checkpoint as ckpt
 from dreambooth.world import pretrain as pt
 
-SMALL = dict(vae_steps=4, vae_batch=2, unet_steps=4, unet_batch=4, pool=16, checkpoint_every=2,
+SMALL = dict(vae_steps=4, vae_batch=2, decoder_steps=4, unet_steps=4, unet_batch=4, pool=16, checkpoint_every=2,
              text_hidden=32, unet_channels=(32, 32, 32), warmup=1, calibration=8)
 
 
@@ -21,7 +21,7 @@ def test_pretrain_writes_a_loadable_fp16_model(tmp_path):
 
     final = pt.pretrain(tmp_path / "w", pt.PretrainConfig(**SMALL))
     made = json.loads((tmp_path / "w/made.json").read_text())
-    assert made["vae_psnr_db"] > 0 and set(made["final_losses"]) == {"vae", "unet"}
+    assert made["vae_psnr_db"] > 0 and set(made["final_losses"]) == {"vae", "decoder", "unet"}
     from safetensors import safe_open
 
     with safe_open(str(final / "unet/diffusion_pytorch_model.safetensors"), "pt") as f:
@@ -61,3 +61,16 @@ def test_load_partial_gives_the_checkpointed_weights(tmp_path):
     for k, v in model.unet.state_dict().items():
         assert torch.equal(v, saved[f"unet.{k}"]), k
     assert model.vae.config.scaling_factor != 0.18215
+
+
+def test_decoder_stage_keeps_the_encoder_the_unet_learned_on(tmp_path):
+    pt.pretrain(tmp_path / "w", pt.PretrainConfig(**SMALL))
+    vae_stage = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "w/vae"))["weights"]
+    model = pt.load_partial(tmp_path / "w")
+    for k, v in model.vae.state_dict().items():
+        before = vae_stage[f"vae.{k}"]
+        if k.startswith(("encoder.", "quant_conv.")):
+            assert torch.equal(v, before), k
+    changed = [k for k, v in model.vae.decoder.state_dict().items()
+               if not torch.equal(v, vae_stage[f"vae.decoder.{k}"])]
+    assert changed, "the decoder stage trained nothing"

@@ -6,11 +6,11 @@ import shutil
 from pathlib import Path
 
 
-def world(action: str, out: str = "world-pretrain", vae_steps: int = 0, unet_steps: int = 0,
-          ship: bool = False) -> int:
+def world(action: str, out: str = "world-pretrain", vae_steps: int = 0, decoder_steps: int = 0,
+          unet_steps: int = 0, ship: bool = False) -> int:
     """Build the self-trained "world" base model that `--model world` and the demo use.
 
-    `pretrain` trains a VAE, then a text encoder and UNet from scratch on rendered scenes
+    `pretrain` trains a VAE, then its decoder alone, then a text encoder and UNet from scratch on rendered scenes
     (resumable: run the same command again after a kill). `--ship` copies the result into the
     package (dreambooth/world/model, fp16) with a record of how it was made.
 
@@ -18,6 +18,7 @@ def world(action: str, out: str = "world-pretrain", vae_steps: int = 0, unet_ste
         action: pretrain
         out: working folder for checkpoints, metrics and the finished model
         vae_steps: VAE training steps (0: the default)
+        decoder_steps: decoder-only training steps after them (0: the default)
         unet_steps: UNet + text encoder training steps (0: the default)
         ship: copy the finished model into the package
     """
@@ -29,6 +30,7 @@ def world(action: str, out: str = "world-pretrain", vae_steps: int = 0, unet_ste
         raise DreamboothError(f"unknown world action '{action}'; the action is: pretrain")
     cfg = PretrainConfig()
     cfg.vae_steps = vae_steps or cfg.vae_steps
+    cfg.decoder_steps = decoder_steps or cfg.decoder_steps
     cfg.unet_steps = unet_steps or cfg.unet_steps
     final = pretrain(out, cfg)
     print(f"world model: {final}")
@@ -37,7 +39,7 @@ def world(action: str, out: str = "world-pretrain", vae_steps: int = 0, unet_ste
 
         made = json.loads((Path(out) / "made.json").read_text())
         made["command"] = (f"dreambooth world pretrain --out {out} --vae-steps {cfg.vae_steps} "
-                           f"--unet-steps {cfg.unet_steps} --ship")
+                           f"--decoder-steps {cfg.decoder_steps} --unet-steps {cfg.unet_steps} --ship")
         shutil.rmtree(WORLD_MODEL, ignore_errors=True)
         shutil.copytree(final, WORLD_MODEL)
         (WORLD_MODEL / "made.json").write_text(json.dumps(made, indent=1))

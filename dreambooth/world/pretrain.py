@@ -1,11 +1,15 @@
 """Pretrain the "world" base model from scratch on rendered scenes, on a CPU.
 
-Two stages, each resumable from its newest checkpoint in OUT/<stage>/checkpoints/:
-  1. vae   an AutoencoderKL (64x64 RGB <-> 16x16x4 latents) on the full color range,
-           reconstruction MSE + a small KL; PSNR on fresh renders is reported.
-  2. unet  a UNet2DConditionModel and a CLIPTextModel (real CLIP tokenizer) trained together
-           from scratch with the noise-prediction loss on frozen-VAE latents of a rendered pool;
-           10% of captions are dropped to "" so classifier-free guidance works.
+Three stages, each resumable from its newest checkpoint in OUT/<stage>/checkpoints/:
+  1. vae      an AutoencoderKL (64x64 RGB <-> 16x16x4 latents) on the full color range,
+              reconstruction MSE + a small KL.
+  2. decoder  the VAE's decoder alone, longer, on the frozen encoder's latents: the latents (and
+              so the UNet's data) stay as they are, and fine patterns that a briefly trained
+              decoder smears (a star's stripes under its band) come back. PSNR on fresh renders
+              is reported after it.
+  3. unet     a UNet2DConditionModel and a CLIPTextModel (real CLIP tokenizer) trained together
+              from scratch with the noise-prediction loss on frozen-VAE latents of a rendered
+              pool; 10% of captions are dropped to "" so classifier-free guidance works.
 The result is a diffusers folder (fp16 on disk) that `--model world` and
 StableDiffusionPipeline.from_pretrained load. As in train.py, the randomness of step s is a
 function of (seed, s), so a resumed stage continues exactly.
@@ -35,6 +39,8 @@ class PretrainConfig:
     vae_batch: int = 16
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
+    decoder_steps: int = 1000
+    decoder_lr: float = 5e-4
     unet_steps: int = 8000
     unet_batch: int = 48
     unet_lr: float = 4e-4
@@ -195,10 +201,27 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None) -> Path:
 
     _stage("vae", out, cfg, {"vae": vae}, cfg.vae_steps, cfg.vae_lr, vae_loss, log)
     vae.eval().requires_grad_(False)
+    calibrate_vae(vae, cfg.calibration, cfg.size_range)  # the scale depends on the encoder only
+
+    # Stage 2: the decoder alone, on the frozen encoder's latents.
+    decoder = {"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv}
+
+    def decoder_loss(step: int) -> torch.Tensor:
+        x, _ = batch_pixels(cfg.vae_batch, cfg.seed * 1_000_003 + step + 5 * 10**8, cfg.vae_size_range)
+        with torch.no_grad():
+            posterior = vae.encode(x).latent_dist
+            g = torch.Generator().manual_seed(cfg.seed * 7 + step + 5 * 10**8)
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+        return torch.nn.functional.mse_loss(vae.decode(z).sample, x)
+
+    for m in decoder.values():
+        m.requires_grad_(True)
+    _stage("decoder", out, cfg, decoder, cfg.decoder_steps, cfg.decoder_lr, decoder_loss, log)
+    vae.eval().requires_grad_(False)
     vae_psnr = calibrate_vae(vae, cfg.calibration, cfg.size_range)
     print(f"VAE: PSNR {vae_psnr:.2f} dB on {cfg.calibration} fresh renders; latent scaling {vae.config.scaling_factor:.4f}")
 
-    # Stage 2: UNet + text encoder on a pool of frozen-VAE latents.
+    # Stage 3: UNet + text encoder on a pool of frozen-VAE latents.
     from dreambooth.models import encode_latents, tokenize
 
     unet, te = model.unet, model.text_encoder
@@ -254,6 +277,8 @@ def load_partial(out: str | Path, cfg: PretrainConfig | None = None) -> BaseMode
                                    json.loads((Path(out) / "pretrain-config.json").read_text()).items()})
     model = architecture(cfg)
     for stage, named in (("vae", {"vae": model.vae}),
+                         ("decoder", {"decoder": model.vae.decoder,
+                                      "post_quant_conv": model.vae.post_quant_conv}),
                          ("unet", {"unet": model.unet, "text_encoder": model.text_encoder})):
         last = ckpt.latest_checkpoint(Path(out) / stage)
         if last is not None:  # the weights only: optimizer state is not needed to inspect
