@@ -8,8 +8,8 @@ import torch
 from dreambooth import checkpoint as ckpt
 from dreambooth.world import pretrain as pt
 
-SMALL = dict(vae_steps=4, vae_batch=2, decoder_steps=4, unet_steps=4, unet_batch=4, pool=16, checkpoint_every=2,
-             text_hidden=32, unet_channels=(32, 32, 32), warmup=1, calibration=8)
+SMALL = dict(vae_steps=4, vae_batch=2, decoder_steps=4, unet_steps=4, unet_batch=4, pool=16,
+             checkpoint_every=2, text_hidden=32, unet_channels=(32, 32, 32), warmup=1, calibration=8)
 
 
 def unet_weights(out):

@@ -10,9 +10,9 @@ def world(action: str, out: str = "world-pretrain", vae_steps: int = 0, decoder_
           unet_steps: int = 0, ship: bool = False) -> int:
     """Build the self-trained "world" base model that `--model world` and the demo use.
 
-    `pretrain` trains a VAE, then its decoder alone, then a text encoder and UNet from scratch on rendered scenes
-    (resumable: run the same command again after a kill). `--ship` copies the result into the
-    package (dreambooth/world/model, fp16) with a record of how it was made.
+    `pretrain` trains a VAE, then its decoder alone, then a text encoder and UNet from scratch on
+    rendered scenes (resumable: run the same command again after a kill). `--ship` copies the
+    result into the package (dreambooth/world/model, fp16) with a record of how it was made.
 
     Args:
         action: pretrain
@@ -39,7 +39,8 @@ def world(action: str, out: str = "world-pretrain", vae_steps: int = 0, decoder_
 
         made = json.loads((Path(out) / "made.json").read_text())
         made["command"] = (f"dreambooth world pretrain --out {out} --vae-steps {cfg.vae_steps} "
-                           f"--decoder-steps {cfg.decoder_steps} --unet-steps {cfg.unet_steps} --ship")
+                           f"--decoder-steps {cfg.decoder_steps} --unet-steps {cfg.unet_steps} "
+                           "--ship")
         shutil.rmtree(WORLD_MODEL, ignore_errors=True)
         shutil.copytree(final, WORLD_MODEL)
         (WORLD_MODEL / "made.json").write_text(json.dumps(made, indent=1))

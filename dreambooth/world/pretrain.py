@@ -201,13 +201,13 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None) -> Path:
 
     _stage("vae", out, cfg, {"vae": vae}, cfg.vae_steps, cfg.vae_lr, vae_loss, log)
     vae.eval().requires_grad_(False)
-    calibrate_vae(vae, cfg.calibration, cfg.size_range)  # the scale depends on the encoder only
 
     # Stage 2: the decoder alone, on the frozen encoder's latents.
     decoder = {"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv}
 
     def decoder_loss(step: int) -> torch.Tensor:
-        x, _ = batch_pixels(cfg.vae_batch, cfg.seed * 1_000_003 + step + 5 * 10**8, cfg.vae_size_range)
+        k = cfg.seed * 1_000_003 + step + 5 * 10**8  # batches the vae stage never drew
+        x, _ = batch_pixels(cfg.vae_batch, k, cfg.vae_size_range)
         with torch.no_grad():
             posterior = vae.encode(x).latent_dist
             g = torch.Generator().manual_seed(cfg.seed * 7 + step + 5 * 10**8)
