@@ -117,6 +117,19 @@ def calibrate_vae(vae, n: int, size_range: tuple[float, float]) -> float:
         return psnr(vae.decode(z).sample, x)
 
 
+def reconstruct(vae, x: torch.Tensor, seed: int):
+    """(posterior, decoded image) of x through a latent drawn from the posterior with ``seed``."""
+    posterior = vae.encode(x).latent_dist
+    g = torch.Generator().manual_seed(seed)
+    z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+    return posterior, vae.decode(z).sample
+
+
+def decoder_modules(vae) -> dict[str, torch.nn.Module]:
+    """What the decoder stage trains, by checkpoint name: everything after the latents."""
+    return {"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv}
+
+
 def _load_modules(named: dict[str, torch.nn.Module], weights: dict[str, torch.Tensor]) -> None:
     """Load checkpoint weights named '<module>.<param>' (as ``_save`` writes them) into modules."""
     for name, module in named.items():
@@ -193,26 +206,20 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None) -> Path:
 
     def vae_loss(step: int) -> torch.Tensor:
         x, _ = batch_pixels(cfg.vae_batch, cfg.seed * 1_000_003 + step, cfg.vae_size_range)
-        posterior = vae.encode(x).latent_dist
-        g = torch.Generator().manual_seed(cfg.seed * 7 + step)
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
-        recon = vae.decode(z).sample
+        posterior, recon = reconstruct(vae, x, cfg.seed * 7 + step)
         return torch.nn.functional.mse_loss(recon, x) + cfg.kl_weight * posterior.kl().mean()
 
     _stage("vae", out, cfg, {"vae": vae}, cfg.vae_steps, cfg.vae_lr, vae_loss, log)
     vae.eval().requires_grad_(False)
 
-    # Stage 2: the decoder alone, on the frozen encoder's latents.
-    decoder = {"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv}
+    # Stage 2: the decoder alone, on the frozen encoder's latents (the encoder has no gradient).
+    decoder = decoder_modules(vae)
 
     def decoder_loss(step: int) -> torch.Tensor:
-        k = cfg.seed * 1_000_003 + step + 5 * 10**8  # batches the vae stage never drew
-        x, _ = batch_pixels(cfg.vae_batch, k, cfg.vae_size_range)
-        with torch.no_grad():
-            posterior = vae.encode(x).latent_dist
-            g = torch.Generator().manual_seed(cfg.seed * 7 + step + 5 * 10**8)
-            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
-        return torch.nn.functional.mse_loss(vae.decode(z).sample, x)
+        k = step + 5 * 10**8  # batches and latent draws the vae stage never used
+        x, _ = batch_pixels(cfg.vae_batch, cfg.seed * 1_000_003 + k, cfg.vae_size_range)
+        _, recon = reconstruct(vae, x, cfg.seed * 7 + k)
+        return torch.nn.functional.mse_loss(recon, x)
 
     for m in decoder.values():
         m.requires_grad_(True)
@@ -277,8 +284,7 @@ def load_partial(out: str | Path, cfg: PretrainConfig | None = None) -> BaseMode
                                    json.loads((Path(out) / "pretrain-config.json").read_text()).items()})
     model = architecture(cfg)
     for stage, named in (("vae", {"vae": model.vae}),
-                         ("decoder", {"decoder": model.vae.decoder,
-                                      "post_quant_conv": model.vae.post_quant_conv}),
+                         ("decoder", decoder_modules(model.vae)),
                          ("unet", {"unet": model.unet, "text_encoder": model.text_encoder})):
         last = ckpt.latest_checkpoint(Path(out) / stage)
         if last is not None:  # the weights only: optimizer state is not needed to inspect
