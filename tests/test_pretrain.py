@@ -8,12 +8,13 @@ import torch
 from dreambooth import checkpoint as ckpt
 from dreambooth.world import pretrain as pt
 
-SMALL = dict(vae_steps=4, vae_batch=2, decoder_steps=4, unet_steps=4, unet_batch=4, pool=16,
+SMALL = dict(vae_steps=4, vae_batch=2, decoder_steps=4, unet_steps=4, marks_steps=4, marks_pool=16,
+             unet_batch=4, pool=16,
              checkpoint_every=2, text_hidden=32, unet_channels=(32, 32, 32), warmup=1, calibration=8)
 
 
-def unet_weights(out):
-    return ckpt.load_checkpoint(ckpt.latest_checkpoint(out / "unet"))["weights"]
+def unet_weights(out, stage="marks"):
+    return ckpt.load_checkpoint(ckpt.latest_checkpoint(out / stage))["weights"]
 
 
 def test_pretrain_writes_a_loadable_fp16_model(tmp_path):
@@ -21,7 +22,7 @@ def test_pretrain_writes_a_loadable_fp16_model(tmp_path):
 
     final = pt.pretrain(tmp_path / "w", pt.PretrainConfig(**SMALL))
     made = json.loads((tmp_path / "w/made.json").read_text())
-    assert made["vae_psnr_db"] > 0 and set(made["final_losses"]) == {"vae", "decoder", "unet"}
+    assert made["vae_psnr_db"] > 0 and set(made["final_losses"]) == {"vae", "decoder", "unet", "marks"}
     from safetensors import safe_open
 
     with safe_open(str(final / "unet/diffusion_pytorch_model.safetensors"), "pt") as f:
@@ -40,7 +41,7 @@ def test_killed_pretraining_resumes_exactly(tmp_path, monkeypatch):
 
     def save_then_die(run_dir, step, **kw):
         real_save(run_dir, step, **kw)
-        if run_dir.name == "unet" and step == 2:
+        if run_dir.name == "marks" and step == 2:
             raise KeyboardInterrupt("killed")
 
     monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
@@ -73,3 +74,14 @@ def test_decoder_stage_keeps_the_encoder_the_unet_learned_on(tmp_path):
     changed = [k for k, v in model.vae.decoder.state_dict().items()
                if not torch.equal(v, vae_stage[f"vae.decoder.{k}"])]
     assert changed, "the decoder stage trained nothing"
+
+
+def test_marks_pool_weighs_the_cells_a_mark_covers():
+    model = pt.architecture(pt.PretrainConfig(**SMALL))
+    pool = pt.latent_pool(model, 6, 5, (0.45, 0.7), mark_rate=1.0, mark_named=1.0, mark_weight=10.0)
+    w = pool["weights"]
+    assert w.shape == (6, 1, 16, 16) and set(w.unique().tolist()) == {1.0, 10.0}
+    marked = (w == 10).float().mean((1, 2, 3))
+    assert (marked > 0.02).all() and (marked < 0.5).all()  # every mark, and only around it
+    plain = pt.latent_pool(model, 6, 5, (0.45, 0.7))
+    assert "weights" not in plain and torch.equal(plain["ids"], pt.latent_pool(model, 6, 5, (0.45, 0.7))["ids"])

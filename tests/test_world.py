@@ -46,19 +46,20 @@ def test_shape_and_color_names_are_single_clip_tokens():
 
 def test_captions():
     s = W.Scene("star", "red", "striped", "dot", "beach")
-    assert W.caption(s) == "a photo of a red striped star on the beach"
+    assert W.caption(s) == "a photo of a red striped star with a dot on the beach"
+    assert W.caption(s, omit=("mark",)) == "a photo of a red striped star on the beach"
     assert W.caption(W.Scene("star", "red", background="snow")) == "a photo of a red star in the snow"
     assert W.caption(W.Scene("cup", "orange", "dotted", background="plain")) == \
         "a photo of an orange dotted cup on a plain background"
     assert W.caption(s, token="sks") == "a photo of sks star on the beach"
     assert W.caption(s, token="sks", omit=("background",)) == "a photo of sks star"
-    assert W.caption(s, omit=("color", "background")) == "a photo of a striped star"
-    assert W.caption(s, omit=("color", "pattern", "background")) == "a photo of a star"
+    assert W.caption(s, omit=("color", "mark", "background")) == "a photo of a striped star"
+    assert W.caption(s, omit=("color", "pattern", "background")) == "a photo of a star with a dot"
     assert W.class_caption("star") == "a photo of a star"
     assert W.class_caption("star", "water") == "a photo of a star on the water"
     assert W.CLASS_PROMPT.format(**{"class": "bell"}) == W.class_caption("bell")
     with pytest.raises(ValueError, match="mark"):
-        W.caption(s, omit=("mark",))
+        W.caption(s, omit=("size",))
     with pytest.raises(ValueError, match="one of"):
         W.Scene("dog", "red")
 
@@ -83,12 +84,18 @@ def test_marks_move_with_the_object():
     assert mark_center(0.7) - mark_center(0.3) == pytest.approx(0.4 * 64, abs=1.0)
 
 
-def test_held_out_combinations_never_pretrained_but_marks_are_unnamed():
-    _, captions, scenes = W.sample_pretraining(3000, seed=11)
+def test_held_out_combinations_never_pretrained_and_marks_are_named_only_where_drawn():
+    images, captions, scenes = W.sample_pretraining(3000, seed=11, mark_named=0.7)
     assert not any(W.is_held_out(s) for s in scenes)
-    marked = sum(s.mark != "none" for s in scenes) / len(scenes)
-    assert abs(marked - W.PRETRAIN_MARK_RATE) < 0.03
-    assert not any(m in c.split() for c in captions for m in W.MARKS[1:])
+    marked = [s.mark != "none" for s in scenes]
+    assert abs(sum(marked) / len(scenes) - W.PRETRAIN_MARK_RATE) < 0.03
+    named = [any(p in c for p in W.MARK_PHRASES.values()) for c in captions]
+    assert not any(n and not m for n, m in zip(named, marked))  # never a mark that is not there
+    assert all(W.MARK_PHRASES[s.mark] in c for s, c, n in zip(scenes, captions, named) if n)
+    assert abs(sum(named) / sum(marked) - 0.7) < 0.05
+    assert not any(p in c for c in W.sample_pretraining(300, seed=11)[1] for p in W.MARK_PHRASES.values())
+    # naming draws from its own stream: the pictures are those of captions that never name marks
+    assert np.array_equal(images[:50], W.sample_pretraining(50, seed=11, mark_named=0.0)[0])
     assert "a photo of a star" in captions  # the class prompt is in-distribution
     subjects = W.held_out_subjects()
     assert len(subjects) >= 6 and all(s.mark != "none" for s in subjects)

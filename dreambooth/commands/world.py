@@ -7,11 +7,11 @@ from pathlib import Path
 
 
 def world(action: str, out: str = "world-pretrain", vae_steps: int = 0, decoder_steps: int = 0,
-          unet_steps: int = 0, ship: bool = False) -> int:
+          unet_steps: int = 0, marks_steps: int = 0, ship: bool = False) -> int:
     """Build the self-trained "world" base model that `--model world` and the demo use.
 
     `pretrain` trains a VAE, then its decoder alone, then a text encoder and UNet from scratch on
-    rendered scenes (resumable: run the same command again after a kill). `--ship` copies the
+    rendered scenes, then both again on scenes where marks are common and named (resumable: run the same command again after a kill). `--ship` copies the
     result into the package (dreambooth/world/model, fp16) with a record of how it was made.
 
     Args:
@@ -20,6 +20,7 @@ def world(action: str, out: str = "world-pretrain", vae_steps: int = 0, decoder_
         vae_steps: VAE training steps (0: the default)
         decoder_steps: decoder-only training steps after them (0: the default)
         unet_steps: UNet + text encoder training steps (0: the default)
+        marks_steps: UNet + text encoder steps of the marks stage after them (0: the default)
         ship: copy the finished model into the package
     """
     from dreambooth.errors import DreamboothError
@@ -32,6 +33,7 @@ def world(action: str, out: str = "world-pretrain", vae_steps: int = 0, decoder_
     cfg.vae_steps = vae_steps or cfg.vae_steps
     cfg.decoder_steps = decoder_steps or cfg.decoder_steps
     cfg.unet_steps = unet_steps or cfg.unet_steps
+    cfg.marks_steps = marks_steps or cfg.marks_steps
     final = pretrain(out, cfg)
     print(f"world model: {final}")
     if ship:
@@ -40,7 +42,7 @@ def world(action: str, out: str = "world-pretrain", vae_steps: int = 0, decoder_
         made = json.loads((Path(out) / "made.json").read_text())
         made["command"] = (f"dreambooth world pretrain --out {out} --vae-steps {cfg.vae_steps} "
                            f"--decoder-steps {cfg.decoder_steps} --unet-steps {cfg.unet_steps} "
-                           "--ship")
+                           f"--marks-steps {cfg.marks_steps} --ship")
         shutil.rmtree(WORLD_MODEL, ignore_errors=True)
         shutil.copytree(final, WORLD_MODEL)
         (WORLD_MODEL / "made.json").write_text(json.dumps(made, indent=1))

@@ -1,6 +1,6 @@
 """Pretrain the "world" base model from scratch on rendered scenes, on a CPU.
 
-Three stages, each resumable from its newest checkpoint in OUT/<stage>/checkpoints/:
+Four stages, each resumable from its newest checkpoint in OUT/<stage>/checkpoints/:
   1. vae      an AutoencoderKL (64x64 RGB <-> 16x16x4 latents) on the full color range,
               reconstruction MSE + a small KL.
   2. decoder  the VAE's decoder alone, longer, on the frozen encoder's latents: the latents (and
@@ -10,6 +10,12 @@ Three stages, each resumable from its newest checkpoint in OUT/<stage>/checkpoin
   3. unet     a UNet2DConditionModel and a CLIPTextModel (real CLIP tokenizer) trained together
               from scratch with the noise-prediction loss on frozen-VAE latents of a rendered
               pool; 10% of captions are dropped to "" so classifier-free guidance works.
+  4. marks    the UNet and text encoder again, on a new pool in which half the objects carry a
+              mark, 70% of those captions name it ("... with a cross ..."), and the loss on the
+              latent cells a mark covers weighs 10x. After stage 3 the model drew no marks (a
+              mark covers 2-4% of the latent cells, so it hardly moves the loss); a base model
+              that draws marks, and knows them by name, gives DreamBooth a subject's mark to bind
+              rather than a new thing to learn (docs/world.md).
 The result is a diffusers folder (fp16 on disk) that `--model world` and
 StableDiffusionPipeline.from_pretrained load. As in train.py, the randomness of step s is a
 function of (seed, s), so a resumed stage continues exactly.
@@ -23,6 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -50,6 +57,12 @@ class PretrainConfig:
     caption_dropout: float = 0.1
     checkpoint_every: int = 250
     text_hidden: int = 64
+    marks_steps: int = 1500
+    marks_lr: float = 3e-4
+    marks_pool: int = 10000
+    marks_rate: float = 0.5  # scenes of the marks pool that carry a mark
+    marks_named: float = 0.7  # of those, captions that name it
+    mark_weight: float = 10.0  # loss weight of the latent cells a mark covers (others: 1)
     unet_channels: tuple[int, int, int] = (32, 64, 128)
     max_tokens: int = 32  # world captions are short; pipelines pad prompts to this length
     # Object size ranges of the pretraining renders (fractions of the width). The VAE learns on
@@ -125,6 +138,51 @@ def reconstruct(vae, x: torch.Tensor, seed: int):
     return posterior, vae.decode(z).sample
 
 
+def latent_pool(model: BaseModel, n: int, seed: int, size_range, mark_rate: float = 0.2,
+                mark_named: float = 0.0, mark_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """n rendered scenes as frozen-VAE latents, caption token ids, and per-latent-cell loss
+    weights (``mark_weight`` on the cells a mark covers, grown by one cell; 1 elsewhere)."""
+    from dreambooth.models import encode_latents, tokenize
+    from dreambooth.world.render import mark_mask, sample_pretraining
+
+    latents, captions, weights = [], [], []
+    for start in range(0, n, 500):
+        images, caps, scenes = sample_pretraining(min(500, n - start), seed + start,
+                                                  mark_rate=mark_rate, mark_named=mark_named,
+                                                  size_range=tuple(size_range))
+        px = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        latents.append(encode_latents(model, px, batch=100))
+        captions += caps
+        if mark_weight != 1.0:
+            masks = torch.from_numpy(np.stack([mark_mask(s, im) for s, im in zip(scenes, images)]))
+            cells = torch.nn.functional.max_pool2d(masks[:, None].float(), RESOLUTION // 16)
+            cells = torch.nn.functional.max_pool2d(cells, 3, stride=1, padding=1)
+            weights.append(1 + (mark_weight - 1) * cells)
+    pool = dict(latents=torch.cat(latents), ids=tokenize(model.tokenizer, captions),
+                empty=tokenize(model.tokenizer, [""])[0])
+    if weights:
+        pool["weights"] = torch.cat(weights)
+    return pool
+
+
+def denoising_loss(model: BaseModel, pool: dict[str, torch.Tensor], cfg: PretrainConfig,
+                   seed: int) -> torch.Tensor:
+    """The noise-prediction loss on a batch drawn from ``pool`` with ``seed``; captions dropped
+    to "" at cfg.caption_dropout; weighted per latent cell where the pool has weights."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(pool["latents"]), (cfg.unet_batch,), generator=g)
+    x0, tok = pool["latents"][idx], pool["ids"][idx].clone()
+    tok[torch.rand(cfg.unet_batch, generator=g) < cfg.caption_dropout] = pool["empty"]
+    t = torch.randint(0, 1000, (cfg.unet_batch,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    noisy = model.scheduler.add_noise(x0, noise, t)
+    pred = model.unet(noisy, t, encoder_hidden_states=model.text_encoder(tok)[0]).sample
+    if "weights" not in pool:
+        return torch.nn.functional.mse_loss(pred, noise)
+    w = pool["weights"][idx]
+    return (w * (pred - noise) ** 2).mean() / w.mean()
+
+
 def decoder_modules(vae) -> dict[str, torch.nn.Module]:
     """What the decoder stage trains, by checkpoint name: everything after the latents."""
     return {"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv}
@@ -189,7 +247,7 @@ def _stage(name: str, out: Path, cfg: PretrainConfig, named: dict, steps: int, l
 
 
 def pretrain(out: str | Path, cfg: PretrainConfig | None = None) -> Path:
-    """Run (or resume) both stages into ``out`` and write ``out/model`` (fp16 diffusers folder)."""
+    """Run (or resume) every stage into ``out`` and write ``out/model`` (fp16 diffusers folder)."""
     cfg = cfg or PretrainConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -229,35 +287,28 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None) -> Path:
     print(f"VAE: PSNR {vae_psnr:.2f} dB on {cfg.calibration} fresh renders; latent scaling {vae.config.scaling_factor:.4f}")
 
     # Stage 3: UNet + text encoder on a pool of frozen-VAE latents.
-    from dreambooth.models import encode_latents, tokenize
-
     unet, te = model.unet, model.text_encoder
     pool: dict[str, torch.Tensor] = {}  # rendered on the first step: a finished stage needs none
 
-    def build_pool() -> None:
-        latents, captions = [], []
-        for start in range(0, cfg.pool, 500):
-            px, caps = batch_pixels(min(500, cfg.pool - start), 2 * 10**9 + start, cfg.size_range)
-            latents.append(encode_latents(model, px, batch=100))
-            captions += caps
-        pool.update(latents=torch.cat(latents), ids=tokenize(model.tokenizer, captions),
-                    empty=tokenize(model.tokenizer, [""])[0])
-
     def unet_loss(step: int) -> torch.Tensor:
         if not pool:
-            build_pool()
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 10**7)
-        idx = torch.randint(0, len(pool["latents"]), (cfg.unet_batch,), generator=g)
-        x0, tok = pool["latents"][idx], pool["ids"][idx].clone()
-        tok[torch.rand(cfg.unet_batch, generator=g) < cfg.caption_dropout] = pool["empty"]
-        t = torch.randint(0, 1000, (cfg.unet_batch,), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        noisy = model.scheduler.add_noise(x0, noise, t)
-        pred = unet(noisy, t, encoder_hidden_states=te(tok)[0]).sample
-        return torch.nn.functional.mse_loss(pred, noise)
+            pool.update(latent_pool(model, cfg.pool, 2 * 10**9, cfg.size_range))
+        return denoising_loss(model, pool, cfg, cfg.seed * 1_000_003 + step + 10**7)
 
     _stage("unet", out, cfg, {"unet": unet, "text_encoder": te}, cfg.unet_steps, cfg.unet_lr,
            unet_loss, log)
+
+    # Stage 4: the same, on a pool where marks are common, often named, and weigh more.
+    marks_pool: dict[str, torch.Tensor] = {}
+
+    def marks_loss(step: int) -> torch.Tensor:
+        if not marks_pool:
+            marks_pool.update(latent_pool(model, cfg.marks_pool, 3 * 10**9, cfg.size_range,
+                                          cfg.marks_rate, cfg.marks_named, cfg.mark_weight))
+        return denoising_loss(model, marks_pool, cfg, cfg.seed * 1_000_003 + step + 3 * 10**7)
+
+    _stage("marks", out, cfg, {"unet": unet, "text_encoder": te}, cfg.marks_steps, cfg.marks_lr,
+           marks_loss, log)
 
     # Ship: fp16 diffusers folder + how it was made.
     final = out / "model"
@@ -285,7 +336,8 @@ def load_partial(out: str | Path, cfg: PretrainConfig | None = None) -> BaseMode
     model = architecture(cfg)
     for stage, named in (("vae", {"vae": model.vae}),
                          ("decoder", decoder_modules(model.vae)),
-                         ("unet", {"unet": model.unet, "text_encoder": model.text_encoder})):
+                         ("unet", {"unet": model.unet, "text_encoder": model.text_encoder}),
+                         ("marks", {"unet": model.unet, "text_encoder": model.text_encoder})):
         last = ckpt.latest_checkpoint(Path(out) / stage)
         if last is not None:  # the weights only: optimizer state is not needed to inspect
             _load_modules(named, ckpt.load_weights(last))

@@ -13,11 +13,14 @@ inside the body and move with the object.
 
 Held-out rule (what the base model never sees in pretraining): the (shape, color, pattern)
 triples of :data:`SUBJECTS` never occur in :func:`sample_pretraining`, with any mark or
-background. Marks do occur there, on 20% of scenes, and captions never mention them: the VAE
-and UNet learn to draw marks, but no words bind them, so a DreamBooth token has to learn the
-subject's mark from its photos. Pretraining captions drop the color, the pattern and the
-background independently (30% each), so the class prompt "a photo of a star" is a caption the
-base model has seen, meaning "a star of any look, anywhere".
+background. Marks do occur there (on 20% of scenes by default). Captions can name them ("... star
+with a cross ..."), as real captions name what they see: the pretraining's last stage does, so
+that the base model knows marks as words, as Stable Diffusion knows "a white patch on the
+chest". It has still never seen any mark on a held-out triple, so a DreamBooth token has to learn
+its subject's whole look, mark included, from the photos (whose captions never name it).
+Pretraining captions drop the color, the pattern and the background independently (30% each),
+so the class prompt "a photo of a star" is a caption the base model has seen, meaning "a star of
+any look, anywhere".
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from __future__ import annotations
 import functools
 import math
 import random
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -54,6 +57,8 @@ BACKGROUND_PHRASES = {
     "water": "on the water",
     "plain": "on a plain background",
 }
+MARK_PHRASES = {"dot": "with a dot", "cross": "with a cross", "band": "with a band",
+                "eyes": "with eyes"}
 FACTORS = ("shape", "color", "pattern", "mark", "background")
 SIZE_RANGE = (0.45, 0.7)  # object bounding-box side / image width (29-45 px at 64 px)
 # The probe reads a wider range, so that it can judge any object a model draws.
@@ -180,11 +185,13 @@ def caption(scene: Scene, token: str | None = None, omit=()) -> str:
 
     A plain pattern is never named ("a photo of a red star in the snow"). With ``token`` the
     subject's look is not spelled out, as in DreamBooth prompts: "a photo of sks star on the
-    beach". ``omit`` leaves out any of "color", "pattern", "background". Marks are never named.
+    beach". ``omit`` leaves out any of "color", "pattern", "mark", "background". A mark is named
+    after the shape ("a photo of a red star with a cross on the beach"), except with ``token``.
     """
-    unknown = set(omit) - {"color", "pattern", "background"}
+    unknown = set(omit) - {"color", "pattern", "mark", "background"}
     if unknown:
-        raise ValueError(f"caption(omit=...) got {sorted(unknown)}; use color, pattern, background")
+        raise ValueError(f"caption(omit=...) got {sorted(unknown)}; "
+                         "use color, pattern, mark, background")
     if token is not None:
         text = f"a photo of {token} {scene.shape}"
     else:
@@ -193,6 +200,8 @@ def caption(scene: Scene, token: str | None = None, omit=()) -> str:
             words.append(scene.pattern)
         words.append(scene.shape)
         text = f"a photo of {_article(words[0])} {' '.join(words)}"
+        if scene.mark != "none" and "mark" not in omit:
+            text += " " + MARK_PHRASES[scene.mark]
     if "background" not in omit:
         text += " " + BACKGROUND_PHRASES[scene.background]
     return text
@@ -230,14 +239,17 @@ def random_scene(rng: random.Random, size_range: tuple[float, float] = SIZE_RANG
 
 def sample_pretraining(n: int, seed: int, size: int = 64, mark_rate: float = PRETRAIN_MARK_RATE,
                        drop: float = PRETRAIN_DROP, size_range: tuple[float, float] = SIZE_RANGE,
+                       mark_named: float = 0.0,
                        ) -> tuple[np.ndarray, list[str], list[Scene]]:
     """n scenes of the pretraining distribution: uint8 images (n, size, size, 3), captions, scenes.
 
     Factors are uniform, held-out (shape, color, pattern) triples are redrawn, ``mark_rate`` of
-    scenes carry a random mark that the caption does not name, and each of color, pattern and
-    background is left out of the caption with chance ``drop``.
+    scenes carry a random mark, which the caption names with chance ``mark_named``, and each of
+    color, pattern and background is left out of the caption with chance ``drop``. Whether a mark
+    is named comes from a second stream, so the images are those of ``mark_named=0``.
     """
     rng = random.Random(f"pretrain:{seed}")
+    naming = random.Random(f"pretrain-mark-names:{seed}")
     images = np.empty((n, size, size, 3), np.uint8)
     captions, scenes = [], []
     for i in range(n):
@@ -246,10 +258,21 @@ def sample_pretraining(n: int, seed: int, size: int = 64, mark_rate: float = PRE
         while is_held_out(scene):
             scene = random_scene(rng, size_range, mark=mark)
         omit = [f for f in ("color", "pattern", "background") if rng.random() < drop]
+        if naming.random() >= mark_named:
+            omit.append("mark")
         images[i] = render_array(scene, size)
         captions.append(caption(scene, omit=omit))
         scenes.append(scene)
     return images, captions, scenes
+
+
+def mark_mask(scene: Scene, image: np.ndarray | None = None) -> np.ndarray:
+    """Where ``scene``'s mark changes the picture: a bool (size, size) mask, empty without one."""
+    image = render_array(scene) if image is None else image
+    if scene.mark == "none":
+        return np.zeros(image.shape[:2], bool)
+    bare = render_array(replace(scene, mark="none"), image.shape[0]).astype(np.int16)
+    return np.abs(image.astype(np.int16) - bare).max(-1) > 8
 
 
 def sample_scenes(n: int, seed: int, size_range: tuple[float, float] = PROBE_SIZE_RANGE,
