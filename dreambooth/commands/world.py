@@ -11,8 +11,9 @@ def world(action: str, out: str = "world-pretrain", vae_steps: int = 0, decoder_
     """Build the self-trained "world" base model that `--model world` and the demo use.
 
     `pretrain` trains a VAE, then its decoder alone, then a text encoder and UNet from scratch on
-    rendered scenes, then both again on scenes where marks are common and named (resumable: run the same command again after a kill). `--ship` copies the
-    result into the package (dreambooth/world/model, fp16) with a record of how it was made.
+    rendered scenes, then both again on scenes where marks are common and named (resumable: run
+    the same command again after a kill). `--ship` copies the result into the package
+    (dreambooth/world/model, fp16) with a record of how it was made.
 
     Args:
         action: pretrain

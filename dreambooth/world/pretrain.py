@@ -12,7 +12,7 @@ Four stages, each resumable from its newest checkpoint in OUT/<stage>/checkpoint
               pool; 10% of captions are dropped to "" so classifier-free guidance works.
   4. marks    the UNet and text encoder again, on a new pool in which half the objects carry a
               mark, 70% of those captions name it ("... with a cross ..."), and the loss on the
-              latent cells a mark covers weighs 10x. After stage 3 the model drew no marks (a
+              latent cells a mark covers weighs 10x. After stage 3 the model drew almost no marks (a
               mark covers 2-4% of the latent cells, so it hardly moves the loss); a base model
               that draws marks, and knows them by name, gives DreamBooth a subject's mark to bind
               rather than a new thing to learn (docs/world.md).
