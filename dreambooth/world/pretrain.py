@@ -104,13 +104,17 @@ def architecture(cfg: PretrainConfig) -> BaseModel:
                      scheduler=scheduler, kind="sd1", source="world")
 
 
+def to_pixels(images: np.ndarray) -> torch.Tensor:
+    """uint8 renders (n, 64, 64, 3) as the VAE's input: (n, 3, 64, 64) floats in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
 def batch_pixels(n: int, seed: int, size_range: tuple[float, float]) -> tuple[torch.Tensor, list[str]]:
     """n fresh renders of the pretraining distribution as (n,3,64,64) in [-1,1], with captions."""
     from dreambooth.world.render import sample_pretraining
 
     images, captions, _ = sample_pretraining(n, seed, size_range=tuple(size_range))
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return x, captions
+    return to_pixels(images), captions
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -150,8 +154,7 @@ def latent_pool(model: BaseModel, n: int, seed: int, size_range, mark_rate: floa
         images, caps, scenes = sample_pretraining(min(500, n - start), seed + start,
                                                   mark_rate=mark_rate, mark_named=mark_named,
                                                   size_range=tuple(size_range))
-        px = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        latents.append(encode_latents(model, px, batch=100))
+        latents.append(encode_latents(model, to_pixels(images), batch=100))
         captions += caps
         if mark_weight != 1.0:
             masks = torch.from_numpy(np.stack([mark_mask(s, im) for s, im in zip(scenes, images)]))
