@@ -85,3 +85,63 @@ def test_marks_pool_weighs_the_cells_a_mark_covers():
     assert (marked > 0.02).all() and (marked < 0.5).all()  # every mark, and only around it
     plain = pt.latent_pool(model, 6, 5, (0.45, 0.7))
     assert "weights" not in plain and torch.equal(plain["ids"], pt.latent_pool(model, 6, 5, (0.45, 0.7))["ids"])
+
+
+def gradients(model, loss_fn, as_worker, monkeypatch):
+    """The gradient of loss_fn() computed as worker (rank, world) would compute it."""
+    monkeypatch.setattr(pt, "worker", lambda: as_worker)
+    params = [p for m in (model.unet, model.text_encoder, model.vae) for p in m.parameters()]
+    for p in params:
+        p.grad = None
+    loss = loss_fn()
+    loss.backward()
+    return loss.item(), [None if p.grad is None else p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("loss", ["denoising", "weighted", "vae"])
+def test_worker_shares_sum_to_the_batch_loss_and_gradient(loss, monkeypatch):
+    cfg = pt.PretrainConfig(**{**SMALL, "unet_batch": 5, "vae_batch": 3})  # uneven shares
+    model = pt.architecture(cfg)
+    pool = pt.latent_pool(model, 8, 1, (0.45, 0.7), mark_rate=1.0, mark_weight=10.0)
+    if loss == "denoising":
+        del pool["weights"]
+    fn = {"vae": lambda: pt.reconstruction_loss(model.vae, cfg, 7, 0.5)}.get(
+        loss, lambda: pt.denoising_loss(model, pool, cfg, 7))
+    whole, grads = gradients(model, fn, (0, 1), monkeypatch)
+    shares = [gradients(model, fn, (rank, 2), monkeypatch) for rank in (0, 1)]
+    assert sum(s[0] for s in shares) == pytest.approx(whole, rel=1e-5)
+    assert abs(shares[0][0] - shares[1][0]) > 1e-3 * whole  # the two shares are different rows
+    scale = max(g.abs().max().item() for g in grads if g is not None)
+    for g, g0, g1 in zip(grads, shares[0][1], shares[1][1]):
+        if g is None:
+            assert g0 is None and g1 is None
+            continue
+        assert torch.allclose(g0 + g1, g, rtol=1e-4, atol=1e-6 * scale)
+
+
+def test_two_workers_pretrain_end_to_end(tmp_path):
+    """Two spawned processes: the pool is shared, every stage ends with both workers' weights
+    equal (the stage checks it), and the run matches one process up to Adam-amplified rounding:
+    Adam turns float-order differences in near-zero gradients into lr-sized steps."""
+    cfg = pt.PretrainConfig(**SMALL)
+    pt.pretrain(tmp_path / "one", cfg)
+    pt.pretrain(tmp_path / "two", cfg, workers=2)
+    one = [json.loads(x) for x in (tmp_path / "one/metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(x) for x in (tmp_path / "two/metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in one] == [(r["stage"], r["step"]) for r in two]
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=0.02), (a, b)
+    made = json.loads((tmp_path / "two/made.json").read_text())
+    assert made["workers"] == 2 and set(made["stage_seconds"]) == {"vae", "decoder", "unet", "marks"}
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline.from_pretrained(tmp_path / "two/model", local_files_only=True)
+
+def test_a_worker_renders_only_its_rows_of_the_batch():
+    from dreambooth.world.render import sample_pretraining
+
+    images, captions, scenes = sample_pretraining(7, 3, mark_rate=0.5, mark_named=0.5)
+    part, part_captions, part_scenes = sample_pretraining(7, 3, mark_rate=0.5, mark_named=0.5,
+                                                          rows=range(1, 7, 2))
+    assert (part == images[1::2]).all() and part_captions == captions[1::2]
+    assert part_scenes == scenes[1::2]

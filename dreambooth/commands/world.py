@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 
 def world(action: str, out: str = "world-pretrain", vae_steps: int = 0, decoder_steps: int = 0,
-          unet_steps: int = 0, marks_steps: int = 0, ship: bool = False) -> int:
+          unet_steps: int = 0, marks_steps: int = 0, workers: int = 0, ship: bool = False) -> int:
     """Build the self-trained "world" base model that `--model world` and the demo use.
 
     `pretrain` trains a VAE, then its decoder alone, then a text encoder and UNet from scratch on
@@ -22,6 +23,8 @@ def world(action: str, out: str = "world-pretrain", vae_steps: int = 0, decoder_
         decoder_steps: decoder-only training steps after them (0: the default)
         unet_steps: UNet + text encoder training steps (0: the default)
         marks_steps: UNet + text encoder steps of the marks stage after them (0: the default)
+        workers: CPU processes of one thread each that share every batch (0: one per CPU core
+            this process may use); the same model up to float rounding, about 1.7x faster on 2
         ship: copy the finished model into the package
     """
     from dreambooth.errors import DreamboothError
@@ -35,7 +38,9 @@ def world(action: str, out: str = "world-pretrain", vae_steps: int = 0, decoder_
     cfg.decoder_steps = decoder_steps or cfg.decoder_steps
     cfg.unet_steps = unet_steps or cfg.unet_steps
     cfg.marks_steps = marks_steps or cfg.marks_steps
-    final = pretrain(out, cfg)
+    workers = workers or min(len(os.sched_getaffinity(0)), cfg.vae_batch, cfg.unet_batch)
+    print(f"pretraining with {workers} worker process{'es' if workers > 1 else ''} of one thread")
+    final = pretrain(out, cfg, workers=workers)
     print(f"world model: {final}")
     if ship:
         import json
@@ -43,7 +48,7 @@ def world(action: str, out: str = "world-pretrain", vae_steps: int = 0, decoder_
         made = json.loads((Path(out) / "made.json").read_text())
         made["command"] = (f"dreambooth world pretrain --out {out} --vae-steps {cfg.vae_steps} "
                            f"--decoder-steps {cfg.decoder_steps} --unet-steps {cfg.unet_steps} "
-                           f"--marks-steps {cfg.marks_steps} --ship")
+                           f"--marks-steps {cfg.marks_steps} --workers {workers} --ship")
         shutil.rmtree(WORLD_MODEL, ignore_errors=True)
         shutil.copytree(final, WORLD_MODEL)
         (WORLD_MODEL / "made.json").write_text(json.dumps(made, indent=1))

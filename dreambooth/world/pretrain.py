@@ -19,12 +19,20 @@ Four stages, each resumable from its newest checkpoint in OUT/<stage>/checkpoint
 The result is a diffusers folder (fp16 on disk) that `--model world` and
 StableDiffusionPipeline.from_pretrained load. As in train.py, the randomness of step s is a
 function of (seed, s), so a resumed stage continues exactly.
+
+``workers=N`` trains with N CPU processes of one thread each (gloo). Every worker draws a step's
+whole batch of randomness, renders and computes only its rows (rank, rank + N, ...), and scales
+its loss by the whole batch; one all-reduce sums the gradients, so every worker takes the
+one-process step (up to the order of float sums) and the weights stay identical across workers.
+Worker 0 writes checkpoints, metrics and the model.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -104,16 +112,34 @@ def architecture(cfg: PretrainConfig) -> BaseModel:
                      scheduler=scheduler, kind="sd1", source="world")
 
 
+def worker() -> tuple[int, int]:
+    """(rank, number of workers) of this process: (0, 1) outside ``pretrain(workers=N)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def my_rows(n: int) -> slice:
+    """This worker's rows of a batch of n: rank, rank + workers, ..."""
+    rank, world = worker()
+    return slice(rank, n, world)
+
+
 def to_pixels(images: np.ndarray) -> torch.Tensor:
     """uint8 renders (n, 64, 64, 3) as the VAE's input: (n, 3, 64, 64) floats in [-1, 1]."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def batch_pixels(n: int, seed: int, size_range: tuple[float, float]) -> tuple[torch.Tensor, list[str]]:
-    """n fresh renders of the pretraining distribution as (n,3,64,64) in [-1,1], with captions."""
+def batch_pixels(n: int, seed: int, size_range: tuple[float, float],
+                 rows: slice | None = None) -> tuple[torch.Tensor, list[str]]:
+    """n fresh renders of the pretraining distribution as (n,3,64,64) in [-1,1], with captions;
+    ``rows`` renders only those of the n."""
     from dreambooth.world.render import sample_pretraining
 
-    images, captions, _ = sample_pretraining(n, seed, size_range=tuple(size_range))
+    keep = None if rows is None else range(n)[rows]
+    images, captions, _ = sample_pretraining(n, seed, size_range=tuple(size_range), rows=keep)
     return to_pixels(images), captions
 
 
@@ -134,12 +160,25 @@ def calibrate_vae(vae, n: int, size_range: tuple[float, float]) -> float:
         return psnr(vae.decode(z).sample, x)
 
 
-def reconstruct(vae, x: torch.Tensor, seed: int):
-    """(posterior, decoded image) of x through a latent drawn from the posterior with ``seed``."""
+def reconstruct(vae, x: torch.Tensor, seed: int, rows: slice = slice(None), batch: int = 0):
+    """(posterior, decoded image) of x through a latent drawn from the posterior with ``seed``.
+    x may be ``rows`` of a batch of ``batch`` images: the draw is the whole batch's, sliced."""
     posterior = vae.encode(x).latent_dist
     g = torch.Generator().manual_seed(seed)
-    z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+    shape = (batch or len(x), *posterior.mean.shape[1:])
+    z = posterior.mean + posterior.std * torch.randn(shape, generator=g)[rows]
     return posterior, vae.decode(z).sample
+
+
+def reconstruction_loss(vae, cfg: PretrainConfig, k: int, kl_weight: float) -> torch.Tensor:
+    """The VAE's loss on batch k of fresh renders: pixel MSE + kl_weight * KL; a worker computes
+    its rows' share (the shares sum to the batch's loss)."""
+    n = cfg.vae_batch
+    rows = my_rows(n)
+    x, _ = batch_pixels(n, cfg.seed * 1_000_003 + k, cfg.vae_size_range, rows)
+    posterior, recon = reconstruct(vae, x, cfg.seed * 7 + k, rows, n)
+    loss = (recon - x).pow(2).sum() / (n * x[0].numel())
+    return loss + kl_weight * posterior.kl().sum() / n if kl_weight else loss
 
 
 def latent_pool(model: BaseModel, n: int, seed: int, size_range, mark_rate: float = 0.2,
@@ -149,21 +188,31 @@ def latent_pool(model: BaseModel, n: int, seed: int, size_range, mark_rate: floa
     from dreambooth.models import encode_latents, tokenize
     from dreambooth.world.render import mark_mask, sample_pretraining
 
-    latents, captions, weights = [], [], []
-    for start in range(0, n, 500):
+    rank, world = worker()
+    chunks = {}  # chunk k of 500 scenes: (latents, token ids, weights); worker k % world makes it
+    for k, start in enumerate(range(0, n, 500)):
+        if k % world != rank:
+            continue
         images, caps, scenes = sample_pretraining(min(500, n - start), seed + start,
                                                   mark_rate=mark_rate, mark_named=mark_named,
                                                   size_range=tuple(size_range))
-        latents.append(encode_latents(model, to_pixels(images), batch=100))
-        captions += caps
+        weights = None
         if mark_weight != 1.0:
             masks = torch.from_numpy(np.stack([mark_mask(s, im) for s, im in zip(scenes, images)]))
             cells = torch.nn.functional.max_pool2d(masks[:, None].float(), RESOLUTION // 16)
             cells = torch.nn.functional.max_pool2d(cells, 3, stride=1, padding=1)
-            weights.append(1 + (mark_weight - 1) * cells)
-    pool = dict(latents=torch.cat(latents), ids=tokenize(model.tokenizer, captions),
-                empty=tokenize(model.tokenizer, [""])[0])
-    if weights:
+            weights = 1 + (mark_weight - 1) * cells
+        chunks[k] = (encode_latents(model, to_pixels(images), batch=100),
+                     tokenize(model.tokenizer, caps), weights)
+    if world > 1:
+        import torch.distributed as dist
+
+        every = [None] * world
+        dist.all_gather_object(every, chunks)
+        chunks = {k: v for part in every for k, v in part.items()}
+    latents, ids, weights = zip(*(chunks[k] for k in sorted(chunks)))
+    pool = dict(latents=torch.cat(latents), ids=torch.cat(ids), empty=tokenize(model.tokenizer, [""])[0])
+    if mark_weight != 1.0:
         pool["weights"] = torch.cat(weights)
     return pool
 
@@ -171,19 +220,25 @@ def latent_pool(model: BaseModel, n: int, seed: int, size_range, mark_rate: floa
 def denoising_loss(model: BaseModel, pool: dict[str, torch.Tensor], cfg: PretrainConfig,
                    seed: int) -> torch.Tensor:
     """The noise-prediction loss on a batch drawn from ``pool`` with ``seed``; captions dropped
-    to "" at cfg.caption_dropout; weighted per latent cell where the pool has weights."""
+    to "" at cfg.caption_dropout; weighted per latent cell where the pool has weights. A worker
+    computes its rows' share of the batch's loss (the shares sum to the batch's loss)."""
+    n = cfg.unet_batch
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, len(pool["latents"]), (cfg.unet_batch,), generator=g)
+    batch = torch.randint(0, len(pool["latents"]), (n,), generator=g)
+    dropped = torch.rand(n, generator=g) < cfg.caption_dropout
+    t = torch.randint(0, 1000, (n,), generator=g)
+    noise = torch.randn((n, *pool["latents"].shape[1:]), generator=g)
+    rows = my_rows(n)
+    idx, t, noise = batch[rows], t[rows], noise[rows]
     x0, tok = pool["latents"][idx], pool["ids"][idx].clone()
-    tok[torch.rand(cfg.unet_batch, generator=g) < cfg.caption_dropout] = pool["empty"]
-    t = torch.randint(0, 1000, (cfg.unet_batch,), generator=g)
-    noise = torch.randn(x0.shape, generator=g)
+    tok[dropped[rows]] = pool["empty"]
     noisy = model.scheduler.add_noise(x0, noise, t)
     pred = model.unet(noisy, t, encoder_hidden_states=model.text_encoder(tok)[0]).sample
+    err = (pred - noise) ** 2
     if "weights" not in pool:
-        return torch.nn.functional.mse_loss(pred, noise)
-    w = pool["weights"][idx]
-    return (w * (pred - noise) ** 2).mean() / w.mean()
+        return err.sum() / (n * err[0].numel())
+    w = pool["weights"]  # (N, 1, h, w): the mean over the batch's weighted cells, channels alike
+    return (w[idx] * err).sum() / (w[batch].sum() * err.shape[1])
 
 
 def decoder_modules(vae) -> dict[str, torch.nn.Module]:
@@ -207,7 +262,8 @@ def _resume(folder: Path, named: dict[str, torch.nn.Module], optimizer, sched) -
     optimizer.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["lr_scheduler"])
     ckpt.set_rng_state(state["rng"])
-    print(f"resuming {folder.name} from {last.name}")
+    if worker()[0] == 0:
+        print(f"resuming {folder.name} from {last.name}")
     return state["state"]["step"]
 
 
@@ -216,6 +272,23 @@ def _save(folder: Path, step: int, named, optimizer, sched, cfg, loss: float) ->
     ckpt.save_checkpoint(folder, step, weights=weights, optimizer_state=optimizer.state_dict(),
                          lr_scheduler_state=sched.state_dict(), state={"loss": loss},
                          config_yaml=json.dumps(asdict(cfg)), keep=1)
+
+
+def sum_over_workers(params, loss: torch.Tensor) -> float:
+    """Sum the workers' gradients (each is its rows' share) and losses in one all-reduce; the
+    batch's loss. With one worker, just the loss."""
+    if worker()[1] == 1:
+        return loss.item()
+    import torch.distributed as dist
+
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1)])
+    dist.all_reduce(flat)
+    start = 0
+    for g in grads:
+        g.copy_(flat[start:start + g.numel()].view_as(g))
+        start += g.numel()
+    return flat[-1].item()
 
 
 def _stage(name: str, out: Path, cfg: PretrainConfig, named: dict, steps: int, lr: float,
@@ -228,33 +301,83 @@ def _stage(name: str, out: Path, cfg: PretrainConfig, named: dict, steps: int, l
     sched = get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup, steps // 10), steps)
     folder = out / name  # checkpoints in OUT/<stage>/checkpoints/step-N
     step = _resume(folder, named, optimizer, sched)
-    bar = tqdm(total=steps, initial=step, desc=name, unit="step", dynamic_ncols=True)
+    first = worker()[0] == 0  # the worker that reports and saves
+    bar = tqdm(total=steps, initial=step, desc=name, unit="step", dynamic_ncols=True, disable=not first)
     started, loss = time.perf_counter(), float("nan")
     while step < steps:
         loss_t = loss_fn(step)
         optimizer.zero_grad(set_to_none=True)
         loss_t.backward()
+        loss = sum_over_workers(params, loss_t)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         sched.step()
         step += 1
-        loss = loss_t.item()
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
-        if step % 50 == 0 or step == steps:
+        if first and (step % 50 == 0 or step == steps):
             log({"stage": name, "step": step, "loss": loss, "lr": sched.get_last_lr()[0],
                  "seconds": round(time.perf_counter() - started, 2)})
-        if step % cfg.checkpoint_every == 0 or step == steps:
+        if first and (step % cfg.checkpoint_every == 0 or step == steps):
             _save(folder, step, named, optimizer, sched, cfg, loss)
     bar.close()
+    _check_workers_agree(params, name)
 
 
-def pretrain(out: str | Path, cfg: PretrainConfig | None = None) -> Path:
-    """Run (or resume) every stage into ``out`` and write ``out/model`` (fp16 diffusers folder)."""
+def _check_workers_agree(params, stage: str) -> None:
+    """Workers take identical steps, so their weights must be equal; fail loudly if not."""
+    rank, world = worker()
+    if world == 1:
+        return
+    import torch.distributed as dist
+
+    mine = torch.stack([sum(p.detach().double().sum() for p in params),
+                        sum(p.detach().double().abs().sum() for p in params)])
+    every = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine)
+    if any(not torch.equal(e, every[0]) for e in every):
+        raise RuntimeError(f"pretraining workers hold different weights after the {stage} stage: "
+                           f"{[e.tolist() for e in every]}")
+
+
+def pretrain(out: str | Path, cfg: PretrainConfig | None = None, workers: int = 1) -> Path:
+    """Run (or resume) every stage into ``out`` and write ``out/model`` (fp16 diffusers folder),
+    with ``workers`` CPU processes of one thread each (the module's docstring)."""
     cfg = cfg or PretrainConfig()
-    out = Path(out)
+    if workers < 1 or workers > min(cfg.vae_batch, cfg.unet_batch):
+        from dreambooth.errors import DreamboothError
+
+        raise DreamboothError(f"workers={workers}: use 1 to {min(cfg.vae_batch, cfg.unet_batch)}, "
+                              "one per CPU core (each worker trains a share of every batch)")
+    if workers == 1:
+        return _pretrain(Path(out), cfg)
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:  # a free port for the workers to meet on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(workers, port, str(out), cfg), nprocs=workers, join=True)
+    return Path(out) / "model"
+
+
+def _worker(rank: int, workers: int, port: int, out: str, cfg: PretrainConfig) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=workers)
+    try:
+        _pretrain(Path(out), cfg)
+    finally:
+        dist.destroy_process_group()
+
+
+def _pretrain(out: Path, cfg: PretrainConfig) -> Path:
+    rank, workers = worker()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "pretrain-config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    if rank == 0:
+        (out / "pretrain-config.json").write_text(json.dumps(asdict(cfg), indent=1))
     model = architecture(cfg)
     metrics = out / "metrics.jsonl"
 
@@ -266,9 +389,7 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None) -> Path:
     vae = model.vae
 
     def vae_loss(step: int) -> torch.Tensor:
-        x, _ = batch_pixels(cfg.vae_batch, cfg.seed * 1_000_003 + step, cfg.vae_size_range)
-        posterior, recon = reconstruct(vae, x, cfg.seed * 7 + step)
-        return torch.nn.functional.mse_loss(recon, x) + cfg.kl_weight * posterior.kl().mean()
+        return reconstruction_loss(vae, cfg, step, cfg.kl_weight)
 
     _stage("vae", out, cfg, {"vae": vae}, cfg.vae_steps, cfg.vae_lr, vae_loss, log)
     vae.eval().requires_grad_(False)
@@ -276,18 +397,16 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None) -> Path:
     # Stage 2: the decoder alone, on the frozen encoder's latents (the encoder has no gradient).
     decoder = decoder_modules(vae)
 
-    def decoder_loss(step: int) -> torch.Tensor:
-        k = step + 5 * 10**8  # batches and latent draws the vae stage never used
-        x, _ = batch_pixels(cfg.vae_batch, cfg.seed * 1_000_003 + k, cfg.vae_size_range)
-        _, recon = reconstruct(vae, x, cfg.seed * 7 + k)
-        return torch.nn.functional.mse_loss(recon, x)
+    def decoder_loss(step: int) -> torch.Tensor:  # batches and draws the vae stage never used
+        return reconstruction_loss(vae, cfg, step + 5 * 10**8, 0.0)
 
     for m in decoder.values():
         m.requires_grad_(True)
     _stage("decoder", out, cfg, decoder, cfg.decoder_steps, cfg.decoder_lr, decoder_loss, log)
     vae.eval().requires_grad_(False)
-    vae_psnr = calibrate_vae(vae, cfg.calibration, cfg.size_range)
-    print(f"VAE: PSNR {vae_psnr:.2f} dB on {cfg.calibration} fresh renders; latent scaling {vae.config.scaling_factor:.4f}")
+    vae_psnr = calibrate_vae(vae, cfg.calibration, cfg.size_range)  # every worker: the same
+    if rank == 0:
+        print(f"VAE: PSNR {vae_psnr:.2f} dB on {cfg.calibration} fresh renders; latent scaling {vae.config.scaling_factor:.4f}")
 
     # Stage 3: UNet + text encoder on a pool of frozen-VAE latents.
     unet, te = model.unet, model.text_encoder
@@ -315,17 +434,20 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None) -> Path:
 
     # Ship: fp16 diffusers folder + how it was made.
     final = out / "model"
+    if rank != 0:
+        return final
     for m in (model.unet, model.vae, model.text_encoder):
         m.eval().half()
     ckpt.atomic_dir(final, lambda tmp: model.save(tmp))
     for m in (model.unet, model.vae, model.text_encoder):
         m.float()
-    losses = {}
+    losses, seconds = {}, {}
     for line in metrics.read_text().splitlines():
         r = json.loads(line)
-        losses[r["stage"]] = r["loss"]
+        losses[r["stage"]], seconds[r["stage"]] = r["loss"], r["seconds"]
     (out / "made.json").write_text(json.dumps({
-        "config": asdict(cfg), "vae_psnr_db": round(vae_psnr, 2), "final_losses": losses,
+        "config": asdict(cfg), "workers": workers, "vae_psnr_db": round(vae_psnr, 2),
+        "final_losses": losses, "stage_seconds": seconds,
         "parameters": {n: sum(p.numel() for p in m.parameters())
                        for n, m in (("unet", model.unet), ("vae", model.vae),
                                     ("text_encoder", model.text_encoder))}}, indent=1))

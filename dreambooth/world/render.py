@@ -239,18 +239,20 @@ def random_scene(rng: random.Random, size_range: tuple[float, float] = SIZE_RANG
 
 def sample_pretraining(n: int, seed: int, size: int = 64, mark_rate: float = PRETRAIN_MARK_RATE,
                        drop: float = PRETRAIN_DROP, size_range: tuple[float, float] = SIZE_RANGE,
-                       mark_named: float = 0.0,
+                       mark_named: float = 0.0, rows: range | None = None,
                        ) -> tuple[np.ndarray, list[str], list[Scene]]:
     """n scenes of the pretraining distribution: uint8 images (n, size, size, 3), captions, scenes.
 
     Factors are uniform, held-out (shape, color, pattern) triples are redrawn, ``mark_rate`` of
     scenes carry a random mark, which the caption names with chance ``mark_named``, and each of
     color, pattern and background is left out of the caption with chance ``drop``. Whether a mark
-    is named comes from a second stream, so the images are those of ``mark_named=0``.
+    is named comes from a second stream, so the images are those of ``mark_named=0``. ``rows``
+    keeps only those of the n scenes (the same ones; only they are rendered, the costly part).
     """
     rng = random.Random(f"pretrain:{seed}")
     naming = random.Random(f"pretrain-mark-names:{seed}")
-    images = np.empty((n, size, size, 3), np.uint8)
+    keep = range(n) if rows is None else rows
+    images = np.empty((len(keep), size, size, 3), np.uint8)
     captions, scenes = [], []
     for i in range(n):
         mark = rng.choice(MARKS[1:]) if rng.random() < mark_rate else "none"
@@ -260,9 +262,10 @@ def sample_pretraining(n: int, seed: int, size: int = 64, mark_rate: float = PRE
         omit = [f for f in ("color", "pattern", "background") if rng.random() < drop]
         if naming.random() >= mark_named:
             omit.append("mark")
-        images[i] = render_array(scene, size)
-        captions.append(caption(scene, omit=omit))
-        scenes.append(scene)
+        if i in keep:
+            images[len(scenes)] = render_array(scene, size)
+            captions.append(caption(scene, omit=omit))
+            scenes.append(scene)
     return images, captions, scenes
 
 
