@@ -246,6 +246,11 @@ def decoder_modules(vae) -> dict[str, torch.nn.Module]:
     return {"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv}
 
 
+def denoiser_modules(model: BaseModel) -> dict[str, torch.nn.Module]:
+    """What the unet and marks stages train, by checkpoint name."""
+    return {"unet": model.unet, "text_encoder": model.text_encoder}
+
+
 def _load_modules(named: dict[str, torch.nn.Module], weights: dict[str, torch.Tensor]) -> None:
     """Load checkpoint weights named '<module>.<param>' (as ``_save`` writes them) into modules."""
     for name, module in named.items():
@@ -409,7 +414,6 @@ def _pretrain(out: Path, cfg: PretrainConfig) -> Path:
         print(f"VAE: PSNR {vae_psnr:.2f} dB on {cfg.calibration} fresh renders; latent scaling {vae.config.scaling_factor:.4f}")
 
     # Stage 3: UNet + text encoder on a pool of frozen-VAE latents.
-    unet, te = model.unet, model.text_encoder
     pool: dict[str, torch.Tensor] = {}  # rendered on the first step: a finished stage needs none
 
     def unet_loss(step: int) -> torch.Tensor:
@@ -417,8 +421,9 @@ def _pretrain(out: Path, cfg: PretrainConfig) -> Path:
             pool.update(latent_pool(model, cfg.pool, 2 * 10**9, cfg.size_range))
         return denoising_loss(model, pool, cfg, cfg.seed * 1_000_003 + step + 10**7)
 
-    _stage("unet", out, cfg, {"unet": unet, "text_encoder": te}, cfg.unet_steps, cfg.unet_lr,
+    _stage("unet", out, cfg, denoiser_modules(model), cfg.unet_steps, cfg.unet_lr,
            unet_loss, log)
+    pool.clear()  # 120 MB the marks stage does not use
 
     # Stage 4: the same, on a pool where marks are common, often named, and weigh more.
     marks_pool: dict[str, torch.Tensor] = {}
@@ -429,7 +434,7 @@ def _pretrain(out: Path, cfg: PretrainConfig) -> Path:
                                           cfg.marks_rate, cfg.marks_named, cfg.mark_weight))
         return denoising_loss(model, marks_pool, cfg, cfg.seed * 1_000_003 + step + 3 * 10**7)
 
-    _stage("marks", out, cfg, {"unet": unet, "text_encoder": te}, cfg.marks_steps, cfg.marks_lr,
+    _stage("marks", out, cfg, denoiser_modules(model), cfg.marks_steps, cfg.marks_lr,
            marks_loss, log)
 
     # Ship: fp16 diffusers folder + how it was made.
@@ -461,8 +466,7 @@ def load_partial(out: str | Path, cfg: PretrainConfig | None = None) -> BaseMode
     model = architecture(cfg)
     for stage, named in (("vae", {"vae": model.vae}),
                          ("decoder", decoder_modules(model.vae)),
-                         ("unet", {"unet": model.unet, "text_encoder": model.text_encoder}),
-                         ("marks", {"unet": model.unet, "text_encoder": model.text_encoder})):
+                         ("unet", denoiser_modules(model)), ("marks", denoiser_modules(model))):
         last = ckpt.latest_checkpoint(Path(out) / stage)
         if last is not None:  # the weights only: optimizer state is not needed to inspect
             _load_modules(named, ckpt.load_weights(last))

@@ -49,6 +49,8 @@ HEADS = {"shape": SHAPES, "color": tuple(COLORS), "pattern": PATTERNS, "mark": M
 POSE = ("x", "y", "size")
 RESOLUTION = 64
 EVAL_SEED = -1  # the scenes accuracy is measured on; training seeds are >= 0
+WIDTHS, HIDDEN = (16, 32, 48, 64, 96), 160  # the shipped probe's architecture
+TRAINING = dict(steps=3000, seed=0, batch=64, lr=3e-3)  # and how it was trained
 
 
 class ProbeNet(nn.Module):
@@ -56,7 +58,7 @@ class ProbeNet(nn.Module):
     patterns) is max- and mean-pooled over the image; a coarser 4x4 map keeps the layout (shape,
     background, pose). Both feed an MLP with one head per factor and a pose regressor."""
 
-    def __init__(self, widths=(16, 32, 48, 64, 96), hidden=160):
+    def __init__(self, widths=WIDTHS, hidden=HIDDEN):
         super().__init__()
         w0, w1, w2, w3, w4 = widths
 
@@ -85,10 +87,14 @@ class ProbeNet(nn.Module):
 
 # ---------------------------------------------------------------- data
 
+def to_input(arrays: np.ndarray) -> torch.Tensor:
+    """uint8 images (B, 64, 64, 3) as the probe's input: (B, 3, 64, 64) floats in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
 def render_batch(scenes) -> torch.Tensor:
     """(B, 3, 64, 64) float in [-1, 1]."""
-    a = np.stack([render_array(s, RESOLUTION) for s in scenes])
-    return torch.from_numpy(a).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return to_input(np.stack([render_array(s, RESOLUTION) for s in scenes]))
 
 
 def targets(scenes) -> dict[str, torch.Tensor]:
@@ -149,8 +155,9 @@ def evaluate(model: ProbeNet, n: int = 1000, seed: int = EVAL_SEED, aug: bool = 
     return acc
 
 
-def train_probe(steps: int = 3000, seed: int = 0, batch: int = 64, lr: float = 3e-3,
-                widths=(16, 32, 48, 64, 96), hidden: int = 160, log_every: int = 100):
+def train_probe(steps: int = TRAINING["steps"], seed: int = TRAINING["seed"],
+                batch: int = TRAINING["batch"], lr: float = TRAINING["lr"],
+                widths=WIDTHS, hidden: int = HIDDEN, log_every: int = 100):
     """Train a probe on fresh renders (every step draws new scenes); -> (model, accuracy dict)."""
     torch.manual_seed(seed)
     model = ProbeNet(widths, hidden)
@@ -198,7 +205,7 @@ class Probe:
         if arrays.shape[1:] != (RESOLUTION, RESOLUTION, 3) or arrays.dtype != np.uint8:
             raise ValueError(f"Probe.read expects PIL images or uint8 arrays (N, 64, 64, 3); "
                              f"got {arrays.dtype} {arrays.shape}")
-        return torch.from_numpy(np.ascontiguousarray(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        return to_input(arrays)
 
     def probabilities(self, images) -> dict[str, np.ndarray]:
         """{factor: (N, K) probabilities in the order of HEADS[factor]}, and "pose": (N, 3)."""
@@ -341,10 +348,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m dreambooth.world.probe", description=__doc__.split("\n")[0])
     ap.add_argument("--train", action="store_true", help="train a probe and write it to --out")
     ap.add_argument("--eval", action="store_true", help="measure the probe in --out on fresh renders")
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    for name, value in TRAINING.items():
+        ap.add_argument(f"--{name}", type=type(value), default=value)
     ap.add_argument("--out", default=str(HERE))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -353,7 +358,7 @@ def main(argv=None) -> None:
         model, acc = train_probe(args.steps, args.seed, args.batch, args.lr)
         minutes = (time.time() - t0) / 60
         acc_aug = evaluate(model, aug=True)
-        meta = {"widths": [16, 32, 48, 64, 96], "hidden": 160, "resolution": RESOLUTION,
+        meta = {"widths": list(WIDTHS), "hidden": HIDDEN, "resolution": RESOLUTION,
                 "heads": {k: list(v) for k, v in HEADS.items()}, "pose": list(POSE),
                 "command": f"python -m dreambooth.world.probe --train --steps {args.steps} --seed {args.seed} "
                            f"--batch {args.batch} --lr {args.lr} --out {args.out}",
