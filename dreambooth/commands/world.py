@@ -23,8 +23,7 @@ def world(action: str, out: str = "world-pretrain", vae_steps: int = 0, decoder_
         decoder_steps: decoder-only training steps after them (0: the default)
         unet_steps: UNet + text encoder training steps (0: the default)
         marks_steps: UNet + text encoder steps of the marks stage after them (0: the default)
-        workers: CPU processes of one thread each that share every batch (0: one per CPU core
-            this process may use); the same model up to float rounding, about 1.7x faster on 2
+        workers: one-thread CPU processes that share every batch (0: one per usable core)
         ship: copy the finished model into the package
     """
     from dreambooth.errors import DreamboothError
@@ -38,7 +37,8 @@ def world(action: str, out: str = "world-pretrain", vae_steps: int = 0, decoder_
     cfg.decoder_steps = decoder_steps or cfg.decoder_steps
     cfg.unet_steps = unet_steps or cfg.unet_steps
     cfg.marks_steps = marks_steps or cfg.marks_steps
-    workers = workers or min(len(os.sched_getaffinity(0)), cfg.vae_batch, cfg.unet_batch)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = workers or min(cores, cfg.vae_batch, cfg.unet_batch)
     print(f"pretraining with {workers} worker process{'es' if workers > 1 else ''} of one thread")
     final = pretrain(out, cfg, workers=workers)
     print(f"world model: {final}")
