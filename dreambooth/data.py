@@ -246,3 +246,10 @@ def to_tensor(image: Image.Image):
 
     a = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(a.copy()).permute(2, 0, 1).contiguous()
+
+
+def arrays_to_tensor(images: np.ndarray):
+    """uint8 RGB images (N, H, W, 3) -> float tensor (N, 3, H, W) in [-1, 1], as ``to_tensor``."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0

@@ -127,20 +127,16 @@ def my_rows(n: int) -> slice:
     return slice(rank, n, world)
 
 
-def to_pixels(images: np.ndarray) -> torch.Tensor:
-    """uint8 renders (n, 64, 64, 3) as the VAE's input: (n, 3, 64, 64) floats in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
 def batch_pixels(n: int, seed: int, size_range: tuple[float, float],
                  rows: slice | None = None) -> tuple[torch.Tensor, list[str]]:
     """n fresh renders of the pretraining distribution as (n,3,64,64) in [-1,1], with captions;
     ``rows`` renders only those of the n."""
+    from dreambooth.data import arrays_to_tensor
     from dreambooth.world.render import sample_pretraining
 
     keep = None if rows is None else range(n)[rows]
     images, captions, _ = sample_pretraining(n, seed, size_range=tuple(size_range), rows=keep)
-    return to_pixels(images), captions
+    return arrays_to_tensor(images), captions
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -185,6 +181,7 @@ def latent_pool(model: BaseModel, n: int, seed: int, size_range, mark_rate: floa
                 mark_named: float = 0.0, mark_weight: float = 1.0) -> dict[str, torch.Tensor]:
     """n rendered scenes as frozen-VAE latents, caption token ids, and per-latent-cell loss
     weights (``mark_weight`` on the cells a mark covers, grown by one cell; 1 elsewhere)."""
+    from dreambooth.data import arrays_to_tensor
     from dreambooth.models import encode_latents, tokenize
     from dreambooth.world.render import mark_mask, sample_pretraining
 
@@ -202,7 +199,7 @@ def latent_pool(model: BaseModel, n: int, seed: int, size_range, mark_rate: floa
             cells = torch.nn.functional.max_pool2d(masks[:, None].float(), RESOLUTION // 16)
             cells = torch.nn.functional.max_pool2d(cells, 3, stride=1, padding=1)
             weights = 1 + (mark_weight - 1) * cells
-        chunks[k] = (encode_latents(model, to_pixels(images), batch=100),
+        chunks[k] = (encode_latents(model, arrays_to_tensor(images), batch=100),
                      tokenize(model.tokenizer, caps), weights)
     if world > 1:
         import torch.distributed as dist

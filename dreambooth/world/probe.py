@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from dreambooth.data import arrays_to_tensor
 from dreambooth.world.render import (BACKGROUNDS, COLORS, MARKS, PATTERNS, SHAPES, render_array,
                                      sample_scenes)
 
@@ -87,14 +88,9 @@ class ProbeNet(nn.Module):
 
 # ---------------------------------------------------------------- data
 
-def to_input(arrays: np.ndarray) -> torch.Tensor:
-    """uint8 images (B, 64, 64, 3) as the probe's input: (B, 3, 64, 64) floats in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
 def render_batch(scenes) -> torch.Tensor:
     """(B, 3, 64, 64) float in [-1, 1]."""
-    return to_input(np.stack([render_array(s, RESOLUTION) for s in scenes]))
+    return arrays_to_tensor(np.stack([render_array(s, RESOLUTION) for s in scenes]))
 
 
 def targets(scenes) -> dict[str, torch.Tensor]:
@@ -205,7 +201,7 @@ class Probe:
         if arrays.shape[1:] != (RESOLUTION, RESOLUTION, 3) or arrays.dtype != np.uint8:
             raise ValueError(f"Probe.read expects PIL images or uint8 arrays (N, 64, 64, 3); "
                              f"got {arrays.dtype} {arrays.shape}")
-        return to_input(arrays)
+        return arrays_to_tensor(arrays)
 
     def probabilities(self, images) -> dict[str, np.ndarray]:
         """{factor: (N, K) probabilities in the order of HEADS[factor]}, and "pose": (N, 3)."""
