@@ -137,6 +137,7 @@ def test_two_workers_pretrain_end_to_end(tmp_path):
 
     StableDiffusionPipeline.from_pretrained(tmp_path / "two/model", local_files_only=True)
 
+
 def test_a_worker_renders_only_its_rows_of_the_batch():
     from dreambooth.world.render import sample_pretraining
 

@@ -38,7 +38,7 @@ def world(action: str, out: str = "world-pretrain", vae_steps: int = 0, decoder_
     cfg.unet_steps = unet_steps or cfg.unet_steps
     cfg.marks_steps = marks_steps or cfg.marks_steps
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = workers or min(cores, cfg.vae_batch, cfg.unet_batch)
+    workers = workers or min(cores, cfg.max_workers())
     print(f"pretraining with {workers} worker process{'es' if workers > 1 else ''} of one thread")
     final = pretrain(out, cfg, workers=workers)
     print(f"world model: {final}")

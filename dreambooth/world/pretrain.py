@@ -79,6 +79,10 @@ class PretrainConfig:
     vae_size_range: tuple[float, float] = (0.25, 0.7)
     size_range: tuple[float, float] = (0.45, 0.7)
 
+    def max_workers(self) -> int:
+        """Most worker processes: each must get at least one row of every batch."""
+        return min(self.vae_batch, self.unet_batch)
+
 
 def architecture(cfg: PretrainConfig) -> BaseModel:
     """The untrained world model: diffusers/transformers classes at a CPU-friendly size."""
@@ -346,10 +350,10 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, workers: int = 
     """Run (or resume) every stage into ``out`` and write ``out/model`` (fp16 diffusers folder),
     with ``workers`` CPU processes of one thread each (the module's docstring)."""
     cfg = cfg or PretrainConfig()
-    if workers < 1 or workers > min(cfg.vae_batch, cfg.unet_batch):
+    if workers < 1 or workers > cfg.max_workers():
         from dreambooth.errors import DreamboothError
 
-        raise DreamboothError(f"workers={workers}: use 1 to {min(cfg.vae_batch, cfg.unet_batch)}, "
+        raise DreamboothError(f"workers={workers}: use 1 to {cfg.max_workers()}, "
                               "one per CPU core (each worker trains a share of every batch)")
     if workers == 1:
         return _pretrain(Path(out), cfg)
