@@ -42,6 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dreambooth import checkpoint as ckpt
+from dreambooth.data import arrays_to_tensor
 from dreambooth.models import BaseModel
 
 RESOLUTION = 64
@@ -135,7 +136,6 @@ def batch_pixels(n: int, seed: int, size_range: tuple[float, float],
                  rows: slice | None = None) -> tuple[torch.Tensor, list[str]]:
     """n fresh renders of the pretraining distribution as (n,3,64,64) in [-1,1], with captions;
     ``rows`` renders only those of the n."""
-    from dreambooth.data import arrays_to_tensor
     from dreambooth.world.render import sample_pretraining
 
     keep = None if rows is None else range(n)[rows]
@@ -185,7 +185,6 @@ def latent_pool(model: BaseModel, n: int, seed: int, size_range, mark_rate: floa
                 mark_named: float = 0.0, mark_weight: float = 1.0) -> dict[str, torch.Tensor]:
     """n rendered scenes as frozen-VAE latents, caption token ids, and per-latent-cell loss
     weights (``mark_weight`` on the cells a mark covers, grown by one cell; 1 elsewhere)."""
-    from dreambooth.data import arrays_to_tensor
     from dreambooth.models import encode_latents, tokenize
     from dreambooth.world.render import mark_mask, sample_pretraining
 
