@@ -13,15 +13,24 @@ SMALL = dict(vae_steps=4, vae_batch=2, decoder_steps=4, unet_steps=4, marks_step
              checkpoint_every=2, text_hidden=32, unet_channels=(32, 32, 32), warmup=1, calibration=8)
 
 
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    """One finished toy pretraining, shared by the tests that only read it (each run costs
+    seconds; this file ran it five times)."""
+    out = tmp_path_factory.mktemp("toy") / "w"
+    pt.pretrain(out, pt.PretrainConfig(**SMALL))
+    return out
+
+
 def unet_weights(out, stage="marks"):
     return ckpt.load_checkpoint(ckpt.latest_checkpoint(out / stage))["weights"]
 
 
-def test_pretrain_writes_a_loadable_fp16_model(tmp_path):
+def test_pretrain_writes_a_loadable_fp16_model(toy_run):
     from diffusers import StableDiffusionPipeline
 
-    final = pt.pretrain(tmp_path / "w", pt.PretrainConfig(**SMALL))
-    made = json.loads((tmp_path / "w/made.json").read_text())
+    final = toy_run / "model"
+    made = json.loads((toy_run / "made.json").read_text())
     assert made["vae_psnr_db"] > 0 and set(made["final_losses"]) == {"vae", "decoder", "unet", "marks"}
     from safetensors import safe_open
 
@@ -29,14 +38,13 @@ def test_pretrain_writes_a_loadable_fp16_model(tmp_path):
         assert f.get_tensor("conv_in.weight").dtype == torch.float16  # shipped in fp16
     pipe = StableDiffusionPipeline.from_pretrained(final, local_files_only=True)
     before = (final / "unet/diffusion_pytorch_model.safetensors").read_bytes()
-    pt.pretrain(tmp_path / "w", pt.PretrainConfig(**SMALL))  # finished: re-exports, trains nothing
+    assert pt.pretrain(toy_run, pt.PretrainConfig(**SMALL)) == final  # finished: re-exports, trains nothing
     assert (final / "unet/diffusion_pytorch_model.safetensors").read_bytes() == before
     assert pipe.tokenizer.model_max_length == 32
     assert pipe.vae.config.scaling_factor != 0.18215  # calibrated on the world's latents
 
 
-def test_killed_pretraining_resumes_exactly(tmp_path, monkeypatch):
-    pt.pretrain(tmp_path / "straight", pt.PretrainConfig(**SMALL))
+def test_killed_pretraining_resumes_exactly(toy_run, tmp_path, monkeypatch):
     real_save = ckpt.save_checkpoint
 
     def save_then_die(run_dir, step, **kw):
@@ -49,25 +57,23 @@ def test_killed_pretraining_resumes_exactly(tmp_path, monkeypatch):
         pt.pretrain(tmp_path / "split", pt.PretrainConfig(**SMALL))
     monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
     pt.pretrain(tmp_path / "split", pt.PretrainConfig(**SMALL))
-    a, b = unet_weights(tmp_path / "straight"), unet_weights(tmp_path / "split")
+    a, b = unet_weights(toy_run), unet_weights(tmp_path / "split")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
 
-def test_load_partial_gives_the_checkpointed_weights(tmp_path):
-    pt.pretrain(tmp_path / "w", pt.PretrainConfig(**SMALL))
-    model = pt.load_partial(tmp_path / "w")
-    saved = unet_weights(tmp_path / "w")
+def test_load_partial_gives_the_checkpointed_weights(toy_run):
+    model = pt.load_partial(toy_run)
+    saved = unet_weights(toy_run)
     for k, v in model.unet.state_dict().items():
         assert torch.equal(v, saved[f"unet.{k}"]), k
     assert model.vae.config.scaling_factor != 0.18215
 
 
-def test_decoder_stage_keeps_the_encoder_the_unet_learned_on(tmp_path):
-    pt.pretrain(tmp_path / "w", pt.PretrainConfig(**SMALL))
-    vae_stage = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "w/vae"))["weights"]
-    model = pt.load_partial(tmp_path / "w")
+def test_decoder_stage_keeps_the_encoder_the_unet_learned_on(toy_run):
+    vae_stage = ckpt.load_checkpoint(ckpt.latest_checkpoint(toy_run / "vae"))["weights"]
+    model = pt.load_partial(toy_run)
     for k, v in model.vae.state_dict().items():
         if k.startswith(("encoder.", "quant_conv.")):
             assert torch.equal(v, vae_stage[f"vae.{k}"]), k
@@ -119,14 +125,12 @@ def test_worker_shares_sum_to_the_batch_loss_and_gradient(loss, monkeypatch):
         assert torch.allclose(g0 + g1, g, rtol=1e-4, atol=1e-6 * scale)
 
 
-def test_two_workers_pretrain_end_to_end(tmp_path):
+def test_two_workers_pretrain_end_to_end(toy_run, tmp_path):
     """Two spawned processes: the pool is shared, every stage ends with both workers' weights
     equal (the stage checks it), and the run matches one process up to Adam-amplified rounding:
     Adam turns float-order differences in near-zero gradients into lr-sized steps."""
-    cfg = pt.PretrainConfig(**SMALL)
-    pt.pretrain(tmp_path / "one", cfg)
-    pt.pretrain(tmp_path / "two", cfg, workers=2)
-    one = [json.loads(x) for x in (tmp_path / "one/metrics.jsonl").read_text().splitlines()]
+    pt.pretrain(tmp_path / "two", pt.PretrainConfig(**SMALL), workers=2)
+    one = [json.loads(x) for x in (toy_run / "metrics.jsonl").read_text().splitlines()]
     two = [json.loads(x) for x in (tmp_path / "two/metrics.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["step"]) for r in one] == [(r["stage"], r["step"]) for r in two]
     for a, b in zip(one, two):
