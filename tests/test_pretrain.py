@@ -15,8 +15,8 @@ SMALL = dict(vae_steps=4, vae_batch=2, decoder_steps=4, unet_steps=4, marks_step
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
-    """One finished toy pretraining, shared by the tests that only read it (each run costs
-    seconds; this file ran it five times)."""
+    """One finished toy pretraining, shared by the tests that read it (the first also re-runs it,
+    which must leave it unchanged); each run costs seconds, and this file used to run it five times."""
     out = tmp_path_factory.mktemp("toy") / "w"
     pt.pretrain(out, pt.PretrainConfig(**SMALL))
     return out
