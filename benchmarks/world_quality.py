@@ -2,7 +2,8 @@
 
     OMP_NUM_THREADS=1 python benchmarks/world_quality.py --out docs/world
 
-1. Base model: how often full captions draw the asked shape / color / pattern / background.
+1. Base model: how often full captions draw the asked shape / color / pattern / background
+   (and, with --named-marks N, how often captions that name a mark draw it).
 2. For each evaluation subject (held-out combinations; subjects 0 and 6 were used while
    choosing the world preset, so the default is 1-4): train with prior preservation and
    without, then score subject fidelity, prompt fidelity, prior distance (class prompt before vs
@@ -33,6 +34,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=0, help="training steps (0: the world preset's)")
     ap.add_argument("--class-samples", type=int, default=400)
     ap.add_argument("--base-samples", type=int, default=200, help="0: skip the base-model check")
+    ap.add_argument("--named-marks", type=int, default=0,
+                    help="captions that also name a mark (or none), to count how often the base "
+                         "model draws the named mark (0: skip)")
     ap.add_argument("--model", default="world")
     ap.add_argument("--set", action="append", default=[], dest="sets",
                     help="extra training settings for both runs, key=value (repeatable)")
@@ -60,6 +64,9 @@ def main(argv=None) -> int:
                base_accuracy(base, n=args.base_samples, probe=probe) if args.base_samples else None,
                "subjects": {}}
     print("base model:", json.dumps(results["base_accuracy"]))
+    if args.named_marks:
+        results["named_marks"] = base_accuracy(base, n=args.named_marks, probe=probe, marks=True)
+        print("named marks:", json.dumps(results["named_marks"]))
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="world-quality-"))
     for index in [int(i) for i in args.subjects.split(",") if i.strip()]:
         subject = held_out_subjects()[index]

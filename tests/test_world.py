@@ -176,3 +176,37 @@ def test_diversity():
     assert d["background"] == pytest.approx(math.log(3) / math.log(6))
     scenes = W.sample_scenes(200, seed=3)
     assert 0.2 < P.diversity(scenes)["pose"] < 0.4  # Scenes work too; uniform poses ~0.29
+
+
+def _scene_of(caption: str, draw_marks: bool = True) -> "W.Scene":
+    """The scene a perfect model draws for a full caption (a stand-in for generation)."""
+    words = caption.split()
+    pick = lambda names, default=None: next((w for w in words if w in names), default)  # noqa: E731
+    mark = next((m for m, p in W.MARK_PHRASES.items() if p in caption), "none")
+    background = next(b for b, p in W.BACKGROUND_PHRASES.items() if caption.endswith(p))
+    return W.Scene(pick(W.SHAPES), pick(W.COLORS), pick(W.PATTERNS, "plain"),
+                   mark if draw_marks else "none", background)
+
+
+@pytest.mark.parametrize("draw_marks", [True, False])
+def test_base_accuracy_counts_named_marks(draw_marks, monkeypatch):
+    """base_accuracy(marks=True) names a mark (or none) in each caption and counts how often
+    the named one is drawn: a model that draws every caption exactly scores ~1, one that never
+    draws a mark scores ~0, and the captions without a mark never count as asked."""
+    import dreambooth.sample
+    from dreambooth.world.score import base_accuracy
+
+    seen = []
+
+    def fake_generate(model, prompts, seeds, **kw):
+        seen.extend(prompts)
+        return [W.render(_scene_of(p, draw_marks)) for p in prompts]
+
+    monkeypatch.setattr(dreambooth.sample, "generate", fake_generate)
+    acc = base_accuracy(None, n=40, marks=True)
+    assert acc["named"] + acc["unnamed"] == 40 and acc["named"] == sum("with" in p for p in seen)
+    assert 20 < acc["named"] < 40  # four marks of five choices
+    assert acc["shape"] >= 0.95 and acc["background"] >= 0.95 and acc["unasked_mark"] <= 0.05
+    assert acc["mark"] >= 0.95 if draw_marks else acc["mark"] <= 0.05
+    plain = base_accuracy(None, n=10)  # without marks: the base bar's captions, none named
+    assert "mark" not in plain and not any("with" in p for p in seen[-10:])

@@ -82,20 +82,26 @@ def score_world(tuned: BaseModel, subject: Subject, token: str, *, base: BaseMod
 
 
 def base_accuracy(model: BaseModel, n: int = 200, seed: int = 7, steps: int = 25,
-                  guidance: float = 5.0, probe=None) -> dict[str, float]:
+                  guidance: float = 5.0, probe=None, marks: bool = False) -> dict[str, float]:
     """How often the model draws what a full caption asks for: per factor (shape, color,
     background, pattern) the fraction of images whose probe reading matches the caption, and
-    "all" for every factor at once. Captions name every factor (no held-out combination)."""
+    "all" for every factor at once. Captions name every factor (no held-out combination).
+
+    ``marks=True`` also gives each scene a mark drawn uniformly from "none" and the four marks,
+    named in its caption ("... with a cross ..."), and adds "mark" (the named mark drawn, as a
+    fraction of the captions that name one), "unasked_mark" (any mark drawn where none is named)
+    and their counts: how well the base model knows marks by name."""
     import random
 
     from dreambooth.sample import generate
     from dreambooth.world.probe import load_probe
-    from dreambooth.world.render import caption, is_held_out, random_scene
+    from dreambooth.world.render import MARKS, caption, is_held_out, random_scene
 
     probe = probe or load_probe()
-    rng, scenes = random.Random(f"base-accuracy:{seed}"), []
+    rng = random.Random(f"{'mark' if marks else 'base'}-accuracy:{seed}")
+    scenes = []
     while len(scenes) < n:
-        scene = random_scene(rng)
+        scene = random_scene(rng, mark=rng.choice(MARKS) if marks else "none")
         if not is_held_out(scene):
             scenes.append(scene)
     images = generate(model, [caption(s) for s in scenes], [seed + i for i in range(n)],
@@ -104,6 +110,13 @@ def base_accuracy(model: BaseModel, n: int = 200, seed: int = 7, steps: int = 25
     factors = ("shape", "color", "pattern", "background")
     out = {f: sum(r[f] == getattr(s, f) for r, s in zip(readings, scenes)) / n for f in factors}
     out["all"] = sum(all(r[f] == getattr(s, f) for f in factors) for r, s in zip(readings, scenes)) / n
+    if marks:
+        named = [(r, s) for r, s in zip(readings, scenes) if s.mark != "none"]
+        unnamed = [r for r, s in zip(readings, scenes) if s.mark == "none"]
+        out["named"], out["named_right"] = len(named), sum(r["mark"] == s.mark for r, s in named)
+        out["unnamed"], out["unasked"] = len(unnamed), sum(r["mark"] != "none" for r in unnamed)
+        out["mark"] = out["named_right"] / max(1, out["named"])
+        out["unasked_mark"] = out["unasked"] / max(1, out["unnamed"])
     return out
 
 
