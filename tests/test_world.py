@@ -181,7 +181,10 @@ def test_diversity():
 def _scene_of(caption: str, draw_marks: bool = True) -> "W.Scene":
     """The scene a perfect model draws for a full caption (a stand-in for generation)."""
     words = caption.split()
-    pick = lambda names, default=None: next((w for w in words if w in names), default)  # noqa: E731
+
+    def pick(names, default=None):
+        return next((w for w in words if w in names), default)
+
     mark = next((m for m, p in W.MARK_PHRASES.items() if p in caption), "none")
     background = next(b for b, p in W.BACKGROUND_PHRASES.items() if caption.endswith(p))
     return W.Scene(pick(W.SHAPES), pick(W.COLORS), pick(W.PATTERNS, "plain"),
@@ -204,9 +207,9 @@ def test_base_accuracy_counts_named_marks(draw_marks, monkeypatch):
 
     monkeypatch.setattr(dreambooth.sample, "generate", fake_generate)
     acc = base_accuracy(None, n=40, marks=True)
-    assert acc["named"] + acc["unnamed"] == 40 and acc["named"] == sum("with" in p for p in seen)
+    assert acc["named"] + acc["unnamed"] == 40 and acc["named"] == sum(" with " in p for p in seen)
     assert 20 < acc["named"] < 40  # four marks of five choices
     assert acc["shape"] >= 0.95 and acc["background"] >= 0.95 and acc["unasked_mark"] <= 0.05
     assert acc["mark"] >= 0.95 if draw_marks else acc["mark"] <= 0.05
     plain = base_accuracy(None, n=10)  # without marks: the base bar's captions, none named
-    assert "mark" not in plain and not any("with" in p for p in seen[-10:])
+    assert "mark" not in plain and not any(" with " in p for p in seen[-10:])
