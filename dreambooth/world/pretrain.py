@@ -66,13 +66,13 @@ class PretrainConfig:
     caption_dropout: float = 0.1
     checkpoint_every: int = 250
     text_hidden: int = 64
-    marks_steps: int = 1500
+    marks_steps: int = 3000
     marks_lr: float = 3e-4
     marks_pool: int = 10000
     marks_rate: float = 0.5  # scenes of the marks pool that carry a mark
     marks_named: float = 0.7  # of those, captions that name it
     mark_weight: float = 10.0  # loss weight of the latent cells a mark covers (others: 1)
-    unet_channels: tuple[int, int, int] = (32, 64, 128)
+    unet_channels: tuple[int, int, int] = (64, 64, 128)  # docs/world.md: the finest level wide
     max_tokens: int = 32  # world captions are short; pipelines pad prompts to this length
     # Object size ranges of the pretraining renders (fractions of the width). The VAE learns on
     # small and large objects alike; the UNet learns on the renderer's range, where shapes and
