@@ -150,3 +150,22 @@ def test_a_worker_renders_only_its_rows_of_the_batch():
                                                           rows=range(1, 7, 2))
     assert (part == images[1::2]).all() and part_captions == captions[1::2]
     assert part_scenes == scenes[1::2]
+
+
+def test_a_folder_of_other_weight_shapes_is_refused_before_anything_loads(toy_run, tmp_path):
+    """A pretraining folder from before a change of the defaults (the UNet's channels) cannot be
+    resumed: the error names the setting and the fix instead of a size mismatch from torch. The
+    VAE stages do not depend on the UNet, so their checkpoints alone do not stop a run."""
+    import shutil
+
+    from dreambooth.errors import DreamboothError
+
+    out = tmp_path / "w"
+    shutil.copytree(toy_run, out)
+    wider = pt.PretrainConfig(**{**SMALL, "unet_channels": (32, 32, 64)})
+    with pytest.raises(DreamboothError, match=r"unet_channels \(32, 32, 32\) there, \(32, 32, 64\) now"):
+        pt.pretrain(out, wider)
+    pt.check_resumable(out, pt.PretrainConfig(**SMALL))  # the same shapes: resumable
+    for stage in ("unet", "marks", "model"):
+        shutil.rmtree(out / stage)
+    pt.check_resumable(out, wider)  # only the vae and decoder stages: resumable with any UNet

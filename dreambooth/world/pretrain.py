@@ -354,6 +354,7 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, workers: int = 
 
         raise DreamboothError(f"workers={workers}: use 1 to {cfg.max_workers()}, "
                               "one per CPU core (each worker trains a share of every batch)")
+    check_resumable(Path(out), cfg)
     if workers == 1:
         return _pretrain(Path(out), cfg)
     import torch.multiprocessing as mp
@@ -363,6 +364,31 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, workers: int = 
         port = s.getsockname()[1]
     mp.spawn(_worker, args=(workers, port, str(out), cfg), nprocs=workers, join=True)
     return Path(out) / "model"
+
+
+# Settings that set the shapes of a stage's checkpointed weights (the VAE's are fixed).
+SHAPES = {"unet": ("unet_channels", "text_hidden"), "marks": ("unet_channels", "text_hidden")}
+
+
+def check_resumable(out: Path, cfg: PretrainConfig) -> None:
+    """Refuse to resume ``out`` if a stage's newest checkpoint holds weights of other shapes than
+    ``cfg`` makes (a folder from before a change of the defaults), before any stage loads them."""
+    from dreambooth.errors import DreamboothError
+
+    def value(v):
+        return tuple(v) if isinstance(v, list) else v
+
+    for stage, keys in SHAPES.items():
+        last = ckpt.latest_checkpoint(out / stage)
+        if last is None or not (last / "config.yaml").is_file():
+            continue
+        saved = json.loads((last / "config.yaml").read_text())
+        differ = [f"{k} {value(saved[k])} there, {getattr(cfg, k)} now" for k in keys
+                  if k in saved and value(saved[k]) != getattr(cfg, k)]
+        if differ:
+            raise DreamboothError(
+                f"{last} holds weights of other shapes ({'; '.join(differ)}), so {out} cannot be "
+                "resumed with these settings: pass a new --out folder (or delete this one)")
 
 
 def _worker(rank: int, workers: int, port: int, out: str, cfg: PretrainConfig) -> None:
