@@ -366,8 +366,14 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, workers: int = 
     return Path(out) / "model"
 
 
-# Settings that set the shapes of a stage's checkpointed weights (the VAE's are fixed).
-SHAPES = {"unet": ("unet_channels", "text_hidden"), "marks": ("unet_channels", "text_hidden")}
+# The settings that set the shapes of the UNet stages' checkpointed weights (the VAE's are fixed).
+SHAPES = ("unet_channels", "text_hidden")
+
+
+def read_config(text: str) -> dict:
+    """A saved PretrainConfig (pretrain-config.json, a checkpoint's config.yaml): JSON lists back
+    to the dataclass's tuples."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(text).items()}
 
 
 def check_resumable(out: Path, cfg: PretrainConfig) -> None:
@@ -375,16 +381,13 @@ def check_resumable(out: Path, cfg: PretrainConfig) -> None:
     ``cfg`` makes (a folder from before a change of the defaults), before any stage loads them."""
     from dreambooth.errors import DreamboothError
 
-    def value(v):
-        return tuple(v) if isinstance(v, list) else v
-
-    for stage, keys in SHAPES.items():
+    for stage in ("unet", "marks"):
         last = ckpt.latest_checkpoint(out / stage)
         if last is None or not (last / "config.yaml").is_file():
             continue
-        saved = json.loads((last / "config.yaml").read_text())
-        differ = [f"{k} {value(saved[k])} there, {getattr(cfg, k)} now" for k in keys
-                  if k in saved and value(saved[k]) != getattr(cfg, k)]
+        saved = read_config((last / "config.yaml").read_text())
+        differ = [f"{k} {saved[k]} there, {getattr(cfg, k)} now" for k in SHAPES
+                  if k in saved and saved[k] != getattr(cfg, k)]
         if differ:
             raise DreamboothError(
                 f"{last} holds weights of other shapes ({'; '.join(differ)}), so {out} cannot be "
@@ -487,8 +490,7 @@ def _pretrain(out: Path, cfg: PretrainConfig) -> Path:
 
 def load_partial(out: str | Path, cfg: PretrainConfig | None = None) -> BaseModel:
     """The model as far as ``out``'s newest checkpoints have trained it (to inspect a run)."""
-    cfg = cfg or PretrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in
-                                   json.loads((Path(out) / "pretrain-config.json").read_text()).items()})
+    cfg = cfg or PretrainConfig(**read_config((Path(out) / "pretrain-config.json").read_text()))
     model = architecture(cfg)
     for stage, named in (("vae", {"vae": model.vae}),
                          ("decoder", decoder_modules(model.vae)),
