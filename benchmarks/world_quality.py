@@ -42,6 +42,9 @@ def main(argv=None) -> int:
                     help="extra training settings for both runs, key=value (repeatable)")
     ap.add_argument("--runs", default="prior,no-prior", help="which of the two runs to train")
     ap.add_argument("--seeds", default="0", help="training seeds (train.seed), comma-separated")
+    ap.add_argument("--masks", action="store_true",
+                    help="give each photo its object mask (photo-N.mask.png): the instance loss "
+                         "then counts only the object's latent cells")
     ap.add_argument("--keep", default="", help="keep the runs (photos, run dirs) in this folder")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -71,7 +74,7 @@ def main(argv=None) -> int:
     for index in [int(i) for i in args.subjects.split(",") if i.strip()]:
         subject = held_out_subjects()[index]
         photos = work / subject.name / "photos"
-        subject.save_photos(photos, 5, seed=0, captions=True)
+        subject.save_photos(photos, 5, seed=0, captions=True, masks=args.masks)
         n = args.class_samples
         before, before_images = class_samples(base, subject.shape, n, probe)
         other_seeds, _ = class_samples(base, subject.shape, n, probe, seed=99_000)

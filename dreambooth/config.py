@@ -49,6 +49,9 @@ class DataConfig:
     crop: str = _choices("center", "random", default="center")
     flip: float = 0.0  # `data`: flip probability; training: > 0 adds each photo's mirror image
     captions: bool = True  # use IMAGE.txt beside an image as its prompt when present
+    # use IMAGE.mask.png beside an image (white: the subject) as its loss mask when present: the
+    # instance loss then counts only the subject's latent cells, not the photo's background
+    masks: bool = True
 
 
 @dataclass

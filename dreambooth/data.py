@@ -39,6 +39,7 @@ class Photo:
     notes: list[str] = field(default_factory=list)  # what was done, e.g. ["exif-rotated 90°"]
     original_size: tuple[int, int] = (0, 0)  # (width, height) as stored in the file
     original_mode: str = ""
+    mask: Image.Image | None = None  # "L", upright, the photo's size: from PHOTO.mask.png beside it
 
 
 @dataclass
@@ -117,6 +118,29 @@ def load_photo(path: str | Path) -> Photo:
     return photo
 
 
+def _load_mask(path: Path, size: tuple[int, int]) -> tuple[Image.Image | None, str | None]:
+    """PHOTO.mask.png as an upright "L" image of the (upright) photo's ``size``, or a problem."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            upright = ImageOps.exif_transpose(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        return None, f"{path}: not a readable mask image ({e}) — save it again as PNG, or remove it"
+    mask = upright.getchannel("A") if upright.mode in ("RGBA", "LA") else upright.convert("L")
+    if mask.size != size:
+        return None, (f"{path}: the mask is {mask.size[0]}×{mask.size[1]} px but its photo is "
+                      f"{size[0]}×{size[1]} (upright) — save the mask at the photo's size")
+    if mask.getextrema()[1] < 128:
+        return None, (f"{path}: the mask is empty (no pixel is white) — paint the subject white "
+                      "and the rest black, or remove the mask")
+    return mask, None
+
+
+def is_mask_file(path: Path) -> bool:
+    """PHOTO.mask.png (any image suffix): a loss mask for PHOTO, not a photo itself."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and path.stem.lower().endswith(".mask")
+
+
 def _read_caption(path: Path) -> tuple[str | None, str | None]:
     try:
         text = path.read_text(encoding="utf-8-sig").strip()
@@ -137,12 +161,16 @@ def read_photos(folder: str | Path, resolution: int = 512, max_images_warn: int 
         raise InputError(f"{folder} is a file, not a folder — pass the folder that holds the photos")
     files = sorted(p for p in folder.iterdir()
                    if p.is_file() and not p.name.startswith(".") and p.name.lower() not in IGNORED_NAMES)
-    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES and not is_mask_file(p)]
     stems = {p.stem for p in images}
     captions = {p.stem: p for p in files if p.suffix.lower() == ".txt" and p.stem in stems}
+    masks = {p.stem[:-5]: p for p in files if is_mask_file(p) and p.stem[:-5] in stems}
     problems = []
     for p in files:
-        if p.suffix.lower() == ".txt" and p.stem not in stems:
+        if is_mask_file(p) and p.stem[:-5] not in stems:
+            problems.append(f"{p}: mask with no photo named '{p.stem[:-5]}.jpg/.png/…' beside it — "
+                            "name it PHOTO.mask.png after its photo, or move it out")
+        elif p.suffix.lower() == ".txt" and p.stem not in stems:
             problems.append(f"{p}: text file with no photo named '{p.stem}.jpg/.png/…' beside it — "
                             "name it after its photo to use it as a caption, or move it out")
         elif p.suffix.lower() not in IMAGE_SUFFIXES | {".txt"}:
@@ -158,6 +186,12 @@ def read_photos(folder: str | Path, resolution: int = 512, max_images_warn: int 
             photo.caption, problem = _read_caption(captions[p.stem])
             if problem:
                 problems.append(problem)
+        if p.stem in masks:
+            photo.mask, problem = _load_mask(masks[p.stem], photo.image.size)
+            if problem:
+                problems.append(problem)
+            else:
+                photo.notes.append("mask")
         photos.append(photo)
     if problems:
         head = f"{len(problems)} files in {folder} cannot be used:\n" if len(problems) > 1 else ""

@@ -64,14 +64,25 @@ def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
 
 
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sample MSE over the cells where ``mask`` (B, 1, H, W), in [0, 1], is set:
+    Σ m·(pred − target)² / (C · Σ m), in float32, shape (B,). A mask of ones gives
+    ``per_sample_mse``; an all-zero mask gives 0."""
+    m = mask.float()
+    err = ((pred.float() - target.float()).pow(2) * m).flatten(1).sum(dim=1)
+    return err / (m.flatten(1).sum(dim=1) * pred.shape[1]).clamp_min(1e-12)
+
+
 def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, num_instance: int,
-                    prior_weight: float = 1.0, weights: torch.Tensor | None = None) -> LossParts:
+                    prior_weight: float = 1.0, weights: torch.Tensor | None = None,
+                    mask: torch.Tensor | None = None) -> LossParts:
     """Instance loss + λ · prior loss over a batch whose first ``num_instance`` rows are instances.
 
     Each half is the mean of its per-sample (optionally weighted) MSE, so λ = 1 weighs the two
     halves equally whatever their sizes. With λ = 0 the total equals the instance loss exactly.
+    ``mask`` (B, 1, H, W) restricts each sample's MSE to its masked cells (``masked_mse``).
     """
-    per = per_sample_mse(pred, target)
+    per = per_sample_mse(pred, target) if mask is None else masked_mse(pred, target, mask)
     if weights is not None:
         per = per * weights.to(per.device, per.dtype)
     instance = per[:num_instance].mean()

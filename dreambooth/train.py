@@ -16,8 +16,10 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
+from PIL import Image
 from tqdm.auto import tqdm
 
 from dreambooth import checkpoint as ckpt
@@ -57,10 +59,11 @@ def nth_of_shuffle(seed: int, n: int, k: int, stream: int) -> int:
 
 
 def draw_samples(halves, ks: list[int], seed: int, num_train_timesteps: int, noise_offset: float):
-    """Latents, noise, timesteps and prompts of global samples ``ks`` from each half in turn
-    (half 0: the subject's photos, half 1: class images). Each draw uses its own generator."""
-    latents, noise, tsteps, prompts = [], [], [], []
-    for stream, (source, source_prompts) in enumerate(halves):
+    """Latents, noise, timesteps, prompts and loss masks of global samples ``ks`` from each half
+    in turn (half 0: the subject's photos, half 1: class images). A half is (latents, prompts,
+    masks or None); the masks are None when no half has any. Each draw uses its own generator."""
+    latents, noise, tsteps, prompts, masks = [], [], [], [], []
+    for stream, (source, source_prompts, source_masks) in enumerate(halves):
         for k in ks:
             i = nth_of_shuffle(seed, len(source), k, stream)
             g = torch.Generator().manual_seed(sample_seed(seed, k, stream))
@@ -69,7 +72,11 @@ def draw_samples(halves, ks: list[int], seed: int, num_train_timesteps: int, noi
             noise.append(offset_noise(n[None], noise_offset, g)[0])
             latents.append(source[i])
             prompts.append(source_prompts[i])
-    return torch.stack(latents), torch.stack(noise), torch.cat(tsteps), prompts
+            masks.append(source_masks[i] if source_masks is not None
+                         else torch.ones((1, *source[i].shape[1:])))
+    masked = any(h[2] is not None for h in halves)
+    return (torch.stack(latents), torch.stack(noise), torch.cat(tsteps), prompts,
+            torch.stack(masks) if masked else None)
 
 
 # ------------------------------------------------------------------ setup pieces
@@ -192,8 +199,10 @@ def make_optimizer(cfg: Config, modules: dict[str, torch.nn.Module]) -> torch.op
     return torch.optim.AdamW(groups, fused=torch.cuda.is_available(), **kwargs)
 
 
-def instance_data(cfg: Config, model: BaseModel) -> tuple[torch.Tensor, list[str]]:
-    """Latents of the subject's photos (and their mirror images when flipping) and their prompts."""
+def instance_data(cfg: Config, model: BaseModel) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
+    """Latents of the subject's photos (and their mirror images when flipping), their prompts,
+    and their loss masks on the latent grid (None when no photo has a mask or ``data.masks`` is
+    off; a photo without one counts everywhere)."""
     from dreambooth.data import read_photos, square_crop, to_tensor
 
     d = cfg.data
@@ -201,17 +210,32 @@ def instance_data(cfg: Config, model: BaseModel) -> tuple[torch.Tensor, list[str
     for w in intake.warnings:
         print(f"warning: {w}")
     default = d.instance_prompt.format(token=d.token, **{"class": d.class_noun})
-    crops, prompts = [], []
+    use_masks = d.masks and any(p.mask is not None for p in intake.photos)
+    crops, prompts, masks = [], [], []
     for photo in intake.photos:
         prompt = photo.caption.format(token=d.token, **{"class": d.class_noun}) \
             if (photo.caption and d.captions) else default
-        crops.append(square_crop(photo.image, d.resolution, crop="center"))
-        prompts.append(prompt)
-        if d.flip > 0:
-            crops.append(square_crop(photo.image, d.resolution, crop="center", flip=True))
+        for flip in ((False, True) if d.flip > 0 else (False,)):
+            crops.append(square_crop(photo.image, d.resolution, crop="center", flip=flip))
             prompts.append(prompt)
-    pixels = torch.stack([to_tensor(c) for c in crops])
-    return encode_latents(model, pixels), prompts
+            if use_masks:
+                mask = photo.mask if photo.mask is not None else Image.new("L", photo.image.size, 255)
+                masks.append(np.asarray(square_crop(mask, d.resolution, crop="center", flip=flip)) > 127)
+                if not masks[-1].any():
+                    raise TrainingError(f"{photo.path}: its mask is empty after the center crop "
+                                        "(the subject is outside the square middle of the photo) "
+                                        "— crop the photo around the subject, or remove its mask")
+    latents = encode_latents(model, torch.stack([to_tensor(c) for c in crops]))
+    if not use_masks:
+        return latents, prompts, None
+    return latents, prompts, latent_masks(torch.from_numpy(np.stack(masks)), latents.shape[-1])
+
+
+def latent_masks(pixel_masks: torch.Tensor, latent_size: int) -> torch.Tensor:
+    """Bool pixel masks (N, H, W) -> float (N, 1, h, w) on the latent grid: a cell counts when
+    any of its pixels is set, because the VAE spreads an edge into the cells around it."""
+    factor = pixel_masks.shape[-1] // latent_size
+    return torch.nn.functional.max_pool2d(pixel_masks[:, None].float(), factor)
 
 
 def resolve_run_config(cfg: Config, model: BaseModel) -> Config:
@@ -276,7 +300,7 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
     model.unet.to(acc.device)
 
     # 2. Data, encoded once: instance latents, class latents, prompt embeddings.
-    inst_latents, inst_prompts = instance_data(cfg, model)
+    inst_latents, inst_prompts, inst_masks = instance_data(cfg, model)
     class_prompt = cfg.data.class_prompt.format(**{"class": cfg.data.class_noun})
     use_prior = cfg.prior.enabled
     if use_prior:
@@ -335,9 +359,9 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
     end = t.steps if stop_after is None else min(t.steps, step + stop_after)
     bar = tqdm(total=t.steps, initial=step, disable=not (progress and acc.is_main_process),
                desc="train", unit="step", dynamic_ncols=True)
-    halves = [(inst_latents, inst_prompts)]  # the batch: instance half, then class half
+    halves = [(inst_latents, inst_prompts, inst_masks)]  # the batch: instance half, then class half
     if use_prior:
-        halves.append((class_latents, [class_prompt] * len(class_latents)))
+        halves.append((class_latents, [class_prompt] * len(class_latents), None))
     loss_value, stopped_early = float("nan"), False
     while step < end:
         started = time.perf_counter()
@@ -350,7 +374,8 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
                     sync.enter_context(acc.no_sync(module))
             with sync:
                 ks = [((step * accum + micro) * world + rank) * b + j for j in range(b)]
-                x0, eps, ts, prompts = draw_samples(halves, ks, t.seed, num_train_t, t.noise_offset)
+                x0, eps, ts, prompts, masks = draw_samples(halves, ks, t.seed, num_train_t,
+                                                           t.noise_offset)
                 x0, eps, ts = x0.to(acc.device), eps.to(acc.device), ts.to(acc.device)
                 noisy = model.scheduler.add_noise(x0, eps, ts)
                 target = training_target(model.prediction_type, x0, eps, ts, acp)
@@ -371,7 +396,7 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
                 w = min_snr_weights(snr(ts.cpu(), acp), t.snr_gamma, model.prediction_type) \
                     if t.snr_gamma else None
                 parts = dreambooth_loss(pred, target, num_instance=b, prior_weight=cfg.prior.weight,
-                                        weights=w)
+                                        weights=w, mask=None if masks is None else masks.to(acc.device))
                 if not torch.isfinite(parts.total):
                     last = ckpt.latest_checkpoint(run_dir)
                     raise TrainingError(

@@ -149,6 +149,29 @@ def test_cli_table_sheet_and_folder_untouched(capsys, photos, tmp_path):
     assert code == 0 and snapshot(photos) == before and sorted(sheet.parent.iterdir()) == [sheet]
 
 
+def test_mask_read_beside_its_photo(photos):
+    Image.new("L", (96, 96), 0).save(photos / "a.mask.png")  # empty: refused
+    with pytest.raises(InputError, match=r"a\.mask\.png: the mask is empty"):
+        read_photos(photos, resolution=64)
+    m = Image.new("L", (96, 96), 0)
+    m.paste(255, (10, 10, 40, 40))
+    m.save(photos / "a.mask.png")
+    by_name = {p.path.name: p for p in read_photos(photos, resolution=64).photos}
+    assert set(by_name) == {"a.jpg", "b.png"}  # the mask is not read as a photo
+    assert by_name["a.jpg"].mask.mode == "L" and by_name["a.jpg"].mask.getbbox() == (10, 10, 40, 40)
+    assert "mask" in by_name["a.jpg"].notes and by_name["b.png"].mask is None
+
+
+def test_bad_masks_are_named_with_the_fix(photos):
+    Image.new("L", (50, 96), 255).save(photos / "b.mask.png")
+    Image.new("L", (96, 96), 255).save(photos / "c.mask.png")
+    with pytest.raises(InputError) as e:
+        read_photos(photos, resolution=64)
+    text = str(e.value)
+    assert "b.mask.png: the mask is 50×96 px but its photo is 96×96" in text
+    assert "c.mask.png: mask with no photo named 'c" in text
+
+
 def test_caption_read(photos):
     (photos / "b.txt").write_text("  sks dog asleep  \n", encoding="utf-8")
     by_name = {p.path.name: p for p in read_photos(photos, resolution=64).photos}

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from dreambooth.loss import (dreambooth_loss, min_snr_weights, offset_noise, per_sample_mse, snr,
-                             training_target, v_target)
+from dreambooth.loss import (dreambooth_loss, masked_mse, min_snr_weights, offset_noise,
+                             per_sample_mse, snr, training_target, v_target)
 
 
 def test_snr_from_alphas_cumprod():
@@ -70,3 +70,28 @@ def test_offset_noise_adds_a_per_channel_constant():
     flat = shifted.flatten(2)
     assert torch.allclose(flat, flat[..., :1].expand_as(flat))
     assert shifted.abs().max() > 0
+
+
+def test_masked_mse_counts_only_the_masked_cells():
+    pred = torch.zeros(2, 2, 2, 2)
+    target = torch.zeros(2, 2, 2, 2)
+    target[0, :, 0, 0] = 3.0  # masked in: squared error 9 in both channels
+    target[0, :, 1, 1] = 5.0  # masked out
+    target[1] = 2.0  # second sample: error 4 everywhere
+    mask = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]], [[[1.0, 1.0], [1.0, 1.0]]]])
+    # sample 0: (9 + 9) / (2 channels * 2 cells); sample 1: the plain MSE
+    assert torch.allclose(masked_mse(pred, target, mask), torch.tensor([4.5, 4.0]))
+    assert torch.equal(masked_mse(pred, target, torch.ones(2, 1, 2, 2)), per_sample_mse(pred, target))
+
+
+def test_the_mask_reaches_the_instance_half():
+    pred, target = _batch([1, 3, 5, 7])
+    full = torch.ones(4, 1, *pred.shape[2:])
+    assert torch.equal(dreambooth_loss(pred, target, 2, mask=full).total,
+                       dreambooth_loss(pred, target, 2).total)
+    off = full.clone()
+    off[0, :, 0] = 0.0  # the first instance's top row does not count
+    expected = masked_mse(pred[:1], target[:1], off[:1])
+    parts = dreambooth_loss(pred, target, 2, mask=off)
+    assert parts.instance.item() == pytest.approx((expected.item() + 3.0) / 2)
+    assert parts.prior.item() == pytest.approx(6.0)

@@ -298,3 +298,59 @@ def test_train_token_moves_only_the_identifier_embedding(photos, tmp_path):
     with torch.no_grad():
         same = [encode_prompts(m, ["a photo of a toy"])["encoder_hidden_states"] for m in (base, tuned)]
     assert torch.equal(*same)
+
+
+def masked_copy(photos, folder, box):
+    """The photos again, each with PHOTO.mask.png white inside ``box`` (left, top, right, bottom)."""
+    import shutil
+
+    from PIL import Image
+
+    shutil.copytree(photos, folder)
+    for p in sorted(folder.glob("photo-*.png")):
+        mask = Image.new("L", Image.open(p).size, 0)
+        mask.paste(255, box)
+        mask.save(p.with_name(p.stem + ".mask.png"))
+    return folder
+
+
+def test_masks_limit_the_instance_loss_to_the_subject(photos, tmp_path):
+    # A mask that covers everything is exactly the unmasked loss; a partial mask changes what is
+    # learned; data.masks=false ignores the mask files.
+    whole = masked_copy(photos, tmp_path / "whole", (0, 0, 128, 128))
+    half = masked_copy(photos, tmp_path / "half", (0, 0, 64, 128))
+    runs = {"plain": make_cfg(photos), "whole": make_cfg(whole), "half": make_cfg(half),
+            "ignored": make_cfg(half, "data.masks=false")}
+    for name, cfg in runs.items():
+        train(cfg, tmp_path / "runs" / name, progress=False)
+    tmp_path = tmp_path / "runs"
+    last = "checkpoints/step-000004"
+    assert_same(weights_of(tmp_path / "plain" / last), weights_of(tmp_path / "whole" / last))
+    assert_same(weights_of(tmp_path / "plain" / last), weights_of(tmp_path / "ignored" / last))
+    plain, half_m = metrics(tmp_path / "plain"), metrics(tmp_path / "half")
+    assert plain[0]["prior_loss"] == half_m[0]["prior_loss"]  # the class half is never masked
+    assert plain[0]["instance_loss"] != half_m[0]["instance_loss"]
+    changed = weights_of(tmp_path / "half" / last)
+    assert any(not torch.equal(v, changed[k]) for k, v in weights_of(tmp_path / "plain" / last).items())
+
+
+def test_latent_masks_keep_any_covered_cell():
+    from dreambooth.train import latent_masks
+
+    pixels = torch.zeros(1, 16, 16, dtype=torch.bool)
+    pixels[0, 5, 9] = True  # one pixel in latent cell (1, 2) at factor 4
+    cells = latent_masks(pixels, 4)
+    assert cells.shape == (1, 1, 4, 4) and cells.sum() == 1 and cells[0, 0, 1, 2] == 1
+
+
+def test_a_mask_cropped_away_is_refused(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "wide"
+    paint_subject(folder, count=3)
+    Image.new("RGB", (256, 128), (90, 90, 90)).save(folder / "wide.png")
+    mask = Image.new("L", (256, 128), 0)
+    mask.paste(255, (0, 0, 40, 128))  # the center crop keeps x in [64, 192)
+    mask.save(folder / "wide.mask.png")
+    with pytest.raises(TrainingError, match=r"wide\.png: its mask is empty after the center crop"):
+        train(make_cfg(folder), tmp_path / "run", progress=False)

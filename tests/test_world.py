@@ -213,3 +213,23 @@ def test_base_accuracy_counts_named_marks(draw_marks, monkeypatch):
     assert acc["mark"] >= 0.95 if draw_marks else acc["mark"] <= 0.05
     plain = base_accuracy(None, n=10)  # without marks: the base bar's captions, none named
     assert "mark" not in plain and not any(" with " in p for p in seen[-10:])
+
+
+def test_object_mask_is_where_the_background_is_covered(tmp_path):
+    from PIL import Image
+
+    from dreambooth.data import read_photos
+
+    for scene in W.sample_scenes(40, seed=5):
+        mask = W.object_mask(scene)
+        picture = W.render_array(scene)
+        background = np.clip(W._background(scene.background, scene.variant, 64) + 0.5, 0, 255)
+        assert (picture[~mask] == background.astype(np.uint8)[~mask]).all()  # outside: background only
+        assert 0.01 < mask.mean() < 0.9
+        assert W.mark_mask(scene, picture)[~mask].sum() == 0  # the mark lies inside it
+    subject = W.held_out_subjects()[0]
+    paths = subject.save_photos(tmp_path, 3, masks=True)
+    photos = read_photos(tmp_path, resolution=64).photos
+    for path, photo, (_, scene) in zip(paths, photos, subject.photos(3)):
+        assert photo.path == path
+        assert (np.asarray(photo.mask) > 127).tolist() == W.object_mask(scene).tolist()

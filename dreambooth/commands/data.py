@@ -78,7 +78,9 @@ def data(
     for w in intake.warnings:
         print(f"warning: {w}", file=sys.stderr)
     n_cap = sum(ph.caption is not None for ph in intake.photos)
-    print(f"{len(intake.photos)} photos ready at {resolution}×{resolution} ({n_cap} with captions).")
+    n_mask = sum(ph.mask is not None for ph in intake.photos)
+    print(f"{len(intake.photos)} photos ready at {resolution}×{resolution} ({n_cap} with captions"
+          + (f", {n_mask} with masks" if n_mask else "") + ").")
     if sheet_path:
         sheet_path.parent.mkdir(parents=True, exist_ok=True)
         contact_sheet(crops, names).save(sheet_path, format="PNG")

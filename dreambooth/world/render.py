@@ -132,10 +132,13 @@ class Subject:
         return out
 
 
-    def save_photos(self, folder, n: int = 5, seed: int = 0, captions: bool = False) -> list:
+    def save_photos(self, folder, n: int = 5, seed: int = 0, captions: bool = False,
+                    masks: bool = False) -> list:
         """Write :meth:`photos` into ``folder`` as photo-0.png, photo-1.png, ...; return the paths.
         ``captions``: also photo-N.txt naming the background ("a photo of {token} {class} on
-        the grass"), as a user would caption photos so the identifier need not carry the scene."""
+        the grass"), as a user would caption photos so the identifier need not carry the scene.
+        ``masks``: also photo-N.mask.png, white where the object is (:func:`object_mask`), which
+        training reads as the instance loss mask (``data.masks``)."""
         from pathlib import Path
 
         folder = Path(folder)
@@ -144,6 +147,9 @@ class Subject:
         for i, (image, scene) in enumerate(self.photos(n, seed)):
             paths.append(folder / f"photo-{i}.png")
             image.save(paths[-1])
+            if masks:
+                Image.fromarray(object_mask(scene, image.size[0]).astype(np.uint8) * 255, "L").save(
+                    folder / f"photo-{i}.mask.png")
             if captions:
                 paths[-1].with_suffix(".txt").write_text(
                     "a photo of {token} {class} " + BACKGROUND_PHRASES[scene.background] + "\n")
@@ -550,11 +556,9 @@ def render_array(scene: Scene, size: int = 64) -> np.ndarray:
     body, grown = _shape_layers(scene.shape, s)
     pat = _pattern_layer(scene.pattern, s)
     mark_a, mark_v = _mark_layer(scene.mark, scene.shape, s)
-    _, pad, p = _geometry(s)
+    top, left, p = _placement(scene, size, s)
     base = np.asarray(COLORS[scene.color], np.float32)
     rgb = base + (_secondary(base) - base) * pat[..., None]
-    left = min(max(round(scene.x * size - s / 2) - pad, 0), size - p)
-    top = min(max(round(scene.y * size - s / 2) - pad, 0), size - p)
     region = img[top:top + p, left:left + p]
     g, b = grown[..., None], body[..., None]
     region = region * (1 - g) + np.asarray(OUTLINE, np.float32) * g
@@ -562,6 +566,26 @@ def render_array(scene: Scene, size: int = 64) -> np.ndarray:
     region = region * (1 - mark_a[..., None]) + 255.0 * mark_v[..., None]
     img[top:top + p, left:left + p] = region
     return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+
+
+def _placement(scene: Scene, size: int, s: int) -> tuple[int, int, int]:
+    """(top, left, patch side) of the object's patch in a size x size picture."""
+    _, pad, p = _geometry(s)
+    left = min(max(round(scene.x * size - s / 2) - pad, 0), size - p)
+    top = min(max(round(scene.y * size - s / 2) - pad, 0), size - p)
+    return top, left, p
+
+
+def object_mask(scene: Scene, size: int = 64) -> np.ndarray:
+    """Where the object (body, outline, pattern, mark) covers any part of a pixel: a bool
+    (size, size) mask. Outside it the picture is the background alone."""
+    s = max(4, round(scene.size * size))
+    _, grown = _shape_layers(scene.shape, s)
+    mark_a, _ = _mark_layer(scene.mark, scene.shape, s)
+    top, left, p = _placement(scene, size, s)
+    out = np.zeros((size, size), bool)
+    out[top:top + p, left:left + p] = (grown > 0) | (mark_a > 0)
+    return out
 
 
 def render(scene: Scene, size: int = 64) -> Image.Image:
