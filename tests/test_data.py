@@ -160,6 +160,10 @@ def test_mask_read_beside_its_photo(photos):
     assert set(by_name) == {"a.jpg", "b.png"}  # the mask is not read as a photo
     assert by_name["a.jpg"].mask.mode == "L" and by_name["a.jpg"].mask.getbbox() == (10, 10, 40, 40)
     assert "mask" in by_name["a.jpg"].notes and by_name["b.png"].mask is None
+    cutout = Image.new("RGBA", (96, 96), (0, 0, 0, 0))  # a cut-out: transparency marks the rest
+    cutout.paste((200, 30, 40, 255), (50, 20, 90, 60))
+    cutout.save(photos / "b.mask.png")
+    assert read_photos(photos, resolution=64).photos[1].mask.getbbox() == (50, 20, 90, 60)
 
 
 def test_bad_masks_are_named_with_the_fix(photos):
