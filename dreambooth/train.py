@@ -63,6 +63,7 @@ def draw_samples(halves, ks: list[int], seed: int, num_train_timesteps: int, noi
     in turn (half 0: the subject's photos, half 1: class images). A half is (latents, prompts,
     masks or None); the masks are None when no half has any. Each draw uses its own generator."""
     latents, noise, tsteps, prompts, masks = [], [], [], [], []
+    masked = any(h[2] is not None for h in halves)
     for stream, (source, source_prompts, source_masks) in enumerate(halves):
         for k in ks:
             i = nth_of_shuffle(seed, len(source), k, stream)
@@ -72,9 +73,9 @@ def draw_samples(halves, ks: list[int], seed: int, num_train_timesteps: int, noi
             noise.append(offset_noise(n[None], noise_offset, g)[0])
             latents.append(source[i])
             prompts.append(source_prompts[i])
-            masks.append(source_masks[i] if source_masks is not None
-                         else torch.ones((1, *source[i].shape[1:])))
-    masked = any(h[2] is not None for h in halves)
+            if masked:
+                masks.append(source_masks[i] if source_masks is not None
+                             else torch.ones((1, *source[i].shape[1:])))
     return (torch.stack(latents), torch.stack(noise), torch.cat(tsteps), prompts,
             torch.stack(masks) if masked else None)
 
