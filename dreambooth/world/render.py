@@ -552,11 +552,10 @@ def _background(name: str, variant: int, n: int) -> np.ndarray:
 def render_array(scene: Scene, size: int = 64) -> np.ndarray:
     """The scene as a uint8 array (size, size, 3)."""
     img = _background(scene.background, scene.variant, size)
-    s = max(4, round(scene.size * size))
+    s, top, left, p = _placement(scene, size)
     body, grown = _shape_layers(scene.shape, s)
     pat = _pattern_layer(scene.pattern, s)
     mark_a, mark_v = _mark_layer(scene.mark, scene.shape, s)
-    top, left, p = _placement(scene, size, s)
     base = np.asarray(COLORS[scene.color], np.float32)
     rgb = base + (_secondary(base) - base) * pat[..., None]
     region = img[top:top + p, left:left + p]
@@ -568,21 +567,21 @@ def render_array(scene: Scene, size: int = 64) -> np.ndarray:
     return np.clip(img + 0.5, 0, 255).astype(np.uint8)
 
 
-def _placement(scene: Scene, size: int, s: int) -> tuple[int, int, int]:
-    """(top, left, patch side) of the object's patch in a size x size picture."""
+def _placement(scene: Scene, size: int) -> tuple[int, int, int, int]:
+    """(object side, top, left, patch side) of the object's patch in a size x size picture."""
+    s = max(4, round(scene.size * size))
     _, pad, p = _geometry(s)
     left = min(max(round(scene.x * size - s / 2) - pad, 0), size - p)
     top = min(max(round(scene.y * size - s / 2) - pad, 0), size - p)
-    return top, left, p
+    return s, top, left, p
 
 
 def object_mask(scene: Scene, size: int = 64) -> np.ndarray:
     """Where the object (body, outline, pattern, mark) covers any part of a pixel: a bool
     (size, size) mask. Outside it the picture is the background alone."""
-    s = max(4, round(scene.size * size))
+    s, top, left, p = _placement(scene, size)
     _, grown = _shape_layers(scene.shape, s)
     mark_a, _ = _mark_layer(scene.mark, scene.shape, s)
-    top, left, p = _placement(scene, size, s)
     out = np.zeros((size, size), bool)
     out[top:top + p, left:left + p] = (grown > 0) | (mark_a > 0)
     return out
