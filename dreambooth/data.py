@@ -136,9 +136,12 @@ def _load_mask(path: Path, size: tuple[int, int]) -> tuple[Image.Image | None, s
     return mask, None
 
 
-def is_mask_file(path: Path) -> bool:
-    """PHOTO.mask.png (any image suffix): a loss mask for PHOTO, not a photo itself."""
-    return path.suffix.lower() in IMAGE_SUFFIXES and path.stem.lower().endswith(".mask")
+def mask_owner(path: Path) -> str | None:
+    """For PHOTO.mask.png (any image suffix), a loss mask and not a photo itself: the stem of
+    the photo it belongs to, "PHOTO". None for any other file."""
+    if path.suffix.lower() in IMAGE_SUFFIXES and path.stem.lower().endswith(".mask"):
+        return path.stem[:-len(".mask")]
+    return None
 
 
 def _read_caption(path: Path) -> tuple[str | None, str | None]:
@@ -161,14 +164,14 @@ def read_photos(folder: str | Path, resolution: int = 512, max_images_warn: int 
         raise InputError(f"{folder} is a file, not a folder — pass the folder that holds the photos")
     files = sorted(p for p in folder.iterdir()
                    if p.is_file() and not p.name.startswith(".") and p.name.lower() not in IGNORED_NAMES)
-    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES and not is_mask_file(p)]
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES and mask_owner(p) is None]
     stems = {p.stem for p in images}
     captions = {p.stem: p for p in files if p.suffix.lower() == ".txt" and p.stem in stems}
-    masks = {p.stem[:-5]: p for p in files if is_mask_file(p) and p.stem[:-5] in stems}
+    masks = {mask_owner(p): p for p in files if mask_owner(p) in stems}
     problems = []
     for p in files:
-        if is_mask_file(p) and p.stem[:-5] not in stems:
-            problems.append(f"{p}: mask with no photo named '{p.stem[:-5]}.jpg/.png/…' beside it — "
+        if (owner := mask_owner(p)) is not None and owner not in stems:
+            problems.append(f"{p}: mask with no photo named '{owner}.jpg/.png/…' beside it — "
                             "name it PHOTO.mask.png after its photo, or move it out")
         elif p.suffix.lower() == ".txt" and p.stem not in stems:
             problems.append(f"{p}: text file with no photo named '{p.stem}.jpg/.png/…' beside it — "
