@@ -167,7 +167,7 @@ def read_photos(folder: str | Path, resolution: int = 512, max_images_warn: int 
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES and mask_owner(p) is None]
     stems = {p.stem for p in images}
     captions = {p.stem: p for p in files if p.suffix.lower() == ".txt" and p.stem in stems}
-    masks = {mask_owner(p): p for p in files if mask_owner(p) in stems}
+    masks = {owner: p for p in files if (owner := mask_owner(p)) in stems}
     problems = []
     for p in files:
         if (owner := mask_owner(p)) is not None and owner not in stems:
