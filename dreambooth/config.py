@@ -70,6 +70,10 @@ class PriorConfig:
     # "base": the frozen base model's own prediction for the same noisy class image and prompt
     # (distillation): the same fixed point, far less variance, so the class prompt drifts less.
     target: str = _choices("noise", "base", default="noise")
+    # K > 0: keep the UNet's change off K probes of the class prompt's output gradients, one basis
+    # per weight tensor (dreambooth/orthogonal.py). Full mode; memory K x UNet weights x 4 bytes
+    orthogonal_probes: int = 0
+    orthogonal_min_t: int = 400  # the probes' noisy class images have t >= this
 
 
 @dataclass

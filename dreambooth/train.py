@@ -11,6 +11,7 @@ done, and N processes of batch b see the same samples as one process of batch NÂ
 from __future__ import annotations
 
 import contextlib
+import os
 import json
 import time
 from dataclasses import asdict, dataclass, replace
@@ -23,6 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dreambooth import checkpoint as ckpt
+from dreambooth import orthogonal
 from dreambooth.config import Config, config_from_dict, save_config
 from dreambooth.errors import DreamboothError
 from dreambooth.loss import dreambooth_loss, min_snr_weights, offset_noise, snr, training_target
@@ -151,6 +153,20 @@ def base_prediction(model: BaseModel, cfg: Config, class_prompt: str, n: int, de
     return predict
 
 
+def class_hold(model: BaseModel, cfg: Config, class_latents, class_prompt: str, device):
+    """(UNet weights, their base values, one basis per weight) for ``orthogonal.hold``. Every
+    process (and a resumed run) probes the same bases: the probes are seeded and deterministic."""
+    with torch.no_grad():
+        conds = [encode_prompts(model, [p], device) for p in (class_prompt, "")]
+    params = list(model.unet.parameters())
+    gb = orthogonal.estimated_bytes(sum(p.numel() for p in params), cfg.prior.orthogonal_probes) / 2**30
+    print(f"prior.orthogonal_probes: probing the class prompt ({cfg.prior.orthogonal_probes} probes, "
+          f"{gb:.1f} GiB of bases)")
+    bases = orthogonal.probe_bases(model.unet, model.scheduler, class_latents, conds,
+                                   cfg.prior.orthogonal_probes, cfg.prior.orthogonal_min_t, concat_cond)
+    return params, [p.detach().clone() for p in params], bases
+
+
 def train_token_only(text_encoder, tokenizer, token: str) -> None:
     """Freeze the text encoder except the input-embedding rows of ``token``'s BPE pieces: the
     embedding matrix is trainable, and a gradient hook zeroes every other row (with Adam and no
@@ -260,6 +276,9 @@ def resolve_run_config(cfg: Config, model: BaseModel) -> Config:
         raise TrainingError("train.train_token is for full fine-tuning: a LoRA final/ does not "
                             "carry the text encoder's embeddings. Use train.train_text_encoder "
                             "(LoRA on the text encoder) with train.mode=lora")
+    if cfg.prior.orthogonal_probes and (cfg.train.mode != "full" or not cfg.prior.enabled):
+        raise TrainingError("prior.orthogonal_probes holds the class prompt while the whole UNet is "
+                            "fine-tuned: it needs train.mode=full and prior.enabled=true")
     if cfg.train.optimizer == "adamw8bit" and not torch.cuda.is_available():
         raise TrainingError("train.optimizer=adamw8bit needs a CUDA GPU (bitsandbytes); "
                             "use train.optimizer=adamw on CPU")
@@ -311,6 +330,8 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
     modules = setup_trainable(model, cfg)
     reference = (base_prediction(model, cfg, class_prompt, t.batch_size, acc.device, low)
                  if use_prior and cfg.prior.target == "base" else None)  # before any weight changes
+    held = class_hold(model, cfg, class_latents, class_prompt, acc.device) \
+        if use_prior and cfg.prior.orthogonal_probes else None  # before any weight changes
     if t.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         if "text_encoder" in modules:
@@ -410,6 +431,8 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
             acc.clip_grad_norm_([p for m in modules.values() for p in m.parameters() if p.requires_grad],
                                 t.max_grad_norm)
         optimizer.step()
+        if held is not None:
+            orthogonal.hold(*held)
         lr_sched.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
