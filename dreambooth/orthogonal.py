@@ -58,7 +58,10 @@ def probe_bases(unet, scheduler, latents: torch.Tensor, conds: list[dict], probe
     gen = torch.Generator().manual_seed(PROBE_SEED)
     device = params[0].device
     num_t = scheduler.config.num_train_timesteps
-    columns: list[list[torch.Tensor | None]] = []
+    # probe k's gradient is row k of each tensor's (K, size) matrix, whose transpose is the
+    # column-major (size, K) matrix QR reads: no copy, and the peak is one copy of the probes
+    # plus one tensor's QR
+    rows = [torch.empty(probes, p.numel(), device=device) for p in params]
     try:
         for k in range(probes):
             idx = torch.randint(0, len(latents), (PROBE_BATCH,), generator=gen)
@@ -73,16 +76,15 @@ def probe_bases(unet, scheduler, latents: torch.Tensor, conds: list[dict], probe
             out = unet(noisy, ts, **batch).sample
             r = torch.randn(out.shape, generator=gen).to(device)
             grads = torch.autograd.grad((out * r).sum(), params)
-            columns.append([g.reshape(-1).detach() for g in grads])
+            for row, g in zip(rows, grads):
+                row[k] = g.reshape(-1)
     finally:
         for p, w in zip(params, was):
             p.requires_grad_(w)
     bases = []
-    for i in range(len(params)):  # stack one tensor's columns at a time, freeing them as we go
-        stacked = torch.stack([c[i] for c in columns], 1)
-        for c in columns:
-            c[i] = None
-        bases.append(orthonormal_basis(stacked))
+    for i in range(len(params)):
+        bases.append(orthonormal_basis(rows[i].T))
+        rows[i] = None
     return bases
 
 

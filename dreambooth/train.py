@@ -11,7 +11,6 @@ done, and N processes of batch b see the same samples as one process of batch NÂ
 from __future__ import annotations
 
 import contextlib
-import os
 import json
 import time
 from dataclasses import asdict, dataclass, replace
