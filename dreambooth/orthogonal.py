@@ -45,6 +45,15 @@ def estimated_bytes(num_weights: int, probes: int) -> int:
     return num_weights * probes * 4
 
 
+def free_bytes() -> int:
+    """Memory free for the bases: the GPU's when training runs on one, else the machine's."""
+    if torch.cuda.is_available():
+        return torch.cuda.mem_get_info()[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
 def probe_bases(unet, scheduler, latents: torch.Tensor, conds: list[dict], probes: int, min_t: int,
                 concat) -> list[torch.Tensor]:
     """One orthonormal basis per UNet weight tensor (in ``unet.parameters()`` order).

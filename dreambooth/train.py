@@ -278,6 +278,16 @@ def resolve_run_config(cfg: Config, model: BaseModel) -> Config:
     if cfg.prior.orthogonal_probes and (cfg.train.mode != "full" or not cfg.prior.enabled):
         raise TrainingError("prior.orthogonal_probes holds the class prompt while the whole UNet is "
                             "fine-tuned: it needs train.mode=full and prior.enabled=true")
+    if cfg.prior.orthogonal_probes:
+        k, weights = cfg.prior.orthogonal_probes, sum(p.numel() for p in model.unet.parameters())
+        need, free = orthogonal.estimated_bytes(weights, k), orthogonal.free_bytes()
+        if need > free:
+            raise TrainingError(
+                f"prior.orthogonal_probes={k} keeps {k} directions for each of the UNet's "
+                f"{weights / 1e6:.1f} M weights: {need / 2**30:.1f} GiB, and "
+                f"{'the GPU' if torch.cuda.is_available() else 'this machine'} has "
+                f"{free / 2**30:.1f} GiB free. It is for small UNets such as the world model's: "
+                "lower prior.orthogonal_probes (memory is proportional to it) or set it to 0")
     if cfg.train.optimizer == "adamw8bit" and not torch.cuda.is_available():
         raise TrainingError("train.optimizer=adamw8bit needs a CUDA GPU (bitsandbytes); "
                             "use train.optimizer=adamw on CPU")

@@ -98,3 +98,13 @@ def test_orthogonal_probes_need_full_fine_tuning_with_a_prior(photos, tmp_path):
     for sets in (["train.mode=lora"], ["prior.enabled=false"]):
         with pytest.raises(TrainingError, match="train.mode=full and prior.enabled=true"):
             train(make_cfg(photos, "prior.orthogonal_probes=4", *sets), tmp_path / sets[0], progress=False)
+
+
+def test_bases_larger_than_free_memory_are_refused_before_any_work(photos, tmp_path, monkeypatch):
+    """A Stable Diffusion UNet at K=256 would need 880 GB: say so, with the fix, before class
+    images are drawn."""
+    monkeypatch.setattr(orthogonal, "free_bytes", lambda: 2**20)
+    with pytest.raises(TrainingError, match=r"prior.orthogonal_probes=4 keeps 4 directions .* GiB free"):
+        train(make_cfg(photos, "prior.orthogonal_probes=4"), tmp_path / "run", progress=False)
+    cache = tmp_path / "cache"  # DREAMBOOTH_CACHE: where class images would have been drawn
+    assert not cache.exists() or not any(cache.rglob("*.png"))
