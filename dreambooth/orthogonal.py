@@ -55,11 +55,13 @@ def free_bytes() -> int:
 
 
 def probe_bases(unet, scheduler, latents: torch.Tensor, conds: list[dict], probes: int, min_t: int,
-                concat) -> list[torch.Tensor]:
+                concat, progress: bool = False) -> list[torch.Tensor]:
     """One orthonormal basis per UNet weight tensor (in ``unet.parameters()`` order).
 
     ``latents``: the class images' latents; ``conds``: encoded [class prompt, empty prompt], each
-    for one image; ``concat(a, b)`` joins two encodings along the batch."""
+    for one image; ``concat(a, b)`` joins two encodings along the batch; ``progress``: a bar."""
+    from tqdm.auto import tqdm
+
     params = list(unet.parameters())
     was = [p.requires_grad for p in params]
     for p in params:
@@ -72,7 +74,7 @@ def probe_bases(unet, scheduler, latents: torch.Tensor, conds: list[dict], probe
     # plus one tensor's QR
     rows = [torch.empty(probes, p.numel(), device=device) for p in params]
     try:
-        for k in range(probes):
+        for k in tqdm(range(probes), desc="class-prompt probes", unit="probe", disable=not progress):
             idx = torch.randint(0, len(latents), (PROBE_BATCH,), generator=gen)
             x0 = latents[idx].to(device).contiguous()
             eps = torch.randn(x0.shape, generator=gen).to(device)
@@ -91,7 +93,7 @@ def probe_bases(unet, scheduler, latents: torch.Tensor, conds: list[dict], probe
         for p, w in zip(params, was):
             p.requires_grad_(w)
     bases = []
-    for i in range(len(params)):
+    for i in tqdm(range(len(params)), desc="orthonormalizing", unit="tensor", disable=not progress):
         bases.append(orthonormal_basis(rows[i].T))
         rows[i] = None
     return bases

@@ -152,7 +152,7 @@ def base_prediction(model: BaseModel, cfg: Config, class_prompt: str, n: int, de
     return predict
 
 
-def class_hold(model: BaseModel, cfg: Config, class_latents, class_prompt: str, device):
+def class_hold(model: BaseModel, cfg: Config, class_latents, class_prompt: str, device, progress: bool):
     """(UNet weights, their base values, one basis per weight) for ``orthogonal.hold``. Every
     process (and a resumed run) probes the same bases: the probes are seeded and deterministic."""
     with torch.no_grad():
@@ -162,7 +162,8 @@ def class_hold(model: BaseModel, cfg: Config, class_latents, class_prompt: str, 
     print(f"prior.orthogonal_probes: probing the class prompt ({cfg.prior.orthogonal_probes} probes, "
           f"{gb:.1f} GiB of bases)")
     bases = orthogonal.probe_bases(model.unet, model.scheduler, class_latents, conds,
-                                   cfg.prior.orthogonal_probes, cfg.prior.orthogonal_min_t, concat_cond)
+                                   cfg.prior.orthogonal_probes, cfg.prior.orthogonal_min_t, concat_cond,
+                                   progress=progress)
     return params, [p.detach().clone() for p in params], bases
 
 
@@ -275,9 +276,13 @@ def resolve_run_config(cfg: Config, model: BaseModel) -> Config:
         raise TrainingError("train.train_token is for full fine-tuning: a LoRA final/ does not "
                             "carry the text encoder's embeddings. Use train.train_text_encoder "
                             "(LoRA on the text encoder) with train.mode=lora")
-    if cfg.prior.orthogonal_probes and (cfg.train.mode != "full" or not cfg.prior.enabled):
-        raise TrainingError("prior.orthogonal_probes holds the class prompt while the whole UNet is "
-                            "fine-tuned: it needs train.mode=full and prior.enabled=true")
+    if cfg.prior.orthogonal_probes and not cfg.prior.enabled:
+        print("note: prior.orthogonal_probes is off in this run: it probes the class images, and "
+              "prior.enabled=false draws none")
+        cfg.prior.orthogonal_probes = 0  # the saved config says what the run did
+    if cfg.prior.orthogonal_probes and cfg.train.mode != "full":
+        raise TrainingError("prior.orthogonal_probes holds the UNet's own weights while the whole UNet "
+                            "is fine-tuned: it needs train.mode=full (or set it to 0 for LoRA)")
     if cfg.prior.orthogonal_probes:
         k, weights = cfg.prior.orthogonal_probes, sum(p.numel() for p in model.unet.parameters())
         need, free = orthogonal.estimated_bytes(weights, k), orthogonal.free_bytes()
@@ -339,8 +344,10 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
     modules = setup_trainable(model, cfg)
     reference = (base_prediction(model, cfg, class_prompt, t.batch_size, acc.device, low)
                  if use_prior and cfg.prior.target == "base" else None)  # before any weight changes
-    held = class_hold(model, cfg, class_latents, class_prompt, acc.device) \
-        if use_prior and cfg.prior.orthogonal_probes else None  # before any weight changes
+    held = None  # prior.orthogonal_probes: probed before any weight changes
+    if use_prior and cfg.prior.orthogonal_probes:
+        held = class_hold(model, cfg, class_latents, class_prompt, acc.device,
+                          progress and acc.is_main_process)
     if t.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         if "text_encoder" in modules:

@@ -48,7 +48,7 @@ def demo(out: str = "dreambooth-demo", model: str = "auto", steps: int = 0, quic
         out: folder for the demo (photos/, run/); a previous demo there is replaced
         model: auto (world if shipped, else tiny), world, tiny, or a local diffusers folder
         steps: training steps (0: the preset's)
-        quick: fewer class images, samples and solver steps (a smoke test, e.g. in CI)
+        quick: fewer class images, probes, samples and solver steps (a smoke test, e.g. in CI)
         progress: show progress bars
     """
     from dreambooth.checkpoint import load_run_model
@@ -74,19 +74,22 @@ def demo(out: str = "dreambooth-demo", model: str = "auto", steps: int = 0, quic
         from dreambooth.world.render import held_out_subjects
 
         # The white striped kite with a band: a combination the base model never saw, whose
-        # mark survives the VAE round trip (VAE ceiling 1.0, docs/world.md).
+        # mark survives the VAE round trip (VAE ceiling 1.0, docs/world.md). Each photo comes with
+        # a mask of the kite (photo-N.mask.png), which training uses as its loss mask.
         subject = held_out_subjects()[DEMO_SUBJECT]
-        subject.save_photos(root / "photos", 5, seed=0, captions=True)
+        subject.save_photos(root / "photos", 5, seed=0, captions=True, masks=True)
         noun, preset = subject.shape, "world"
         print(f"1/3 rendered 5 photos of a {subject.color} {subject.pattern} {subject.shape} "
               f"with a {subject.mark} mark (a combination the base model never saw), each captioned "
-              f"with its background, in {root / 'photos'}")
+              f"with its background and a mask of the {subject.shape}, in {root / 'photos'}")
     else:
         photos = paint_subject(root / "photos")
         noun, preset, subject = "toy", "tiny", None
         print(f"1/3 painted {len(photos)} photos of the subject in {root / 'photos'}")
     cfg = build_config(preset, overrides=overrides, extra={
         "data.images": str(root / "photos"), "data.class_noun": noun, "model.path": model})
+    if quick:
+        cfg.prior.orthogonal_probes = min(cfg.prior.orthogonal_probes, 16)
     run_dir = root / "run"
     result = train(cfg, run_dir, progress=progress)
     print(f"2/3 trained {result.step} steps with prior preservation (loss {result.loss:.4f})")
