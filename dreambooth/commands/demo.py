@@ -1,4 +1,4 @@
-"""`dreambooth demo`: the whole pipeline offline on a built-in model, in a few minutes on a CPU."""
+"""`dreambooth demo`: the whole pipeline offline on a built-in model, in under ten minutes on a CPU."""
 
 from __future__ import annotations
 
