@@ -283,6 +283,14 @@ def resolve_run_config(cfg: Config, model: BaseModel) -> Config:
     if cfg.prior.orthogonal_probes and cfg.train.mode != "full":
         raise TrainingError("prior.orthogonal_probes holds the UNet's own weights while the whole UNet "
                             "is fine-tuned: it needs train.mode=full (or set it to 0 for LoRA)")
+    if cfg.prior.orthogonal_probes < 0:
+        raise TrainingError(f"prior.orthogonal_probes={cfg.prior.orthogonal_probes}: the number of "
+                            "probes is 0 (off) or more (256 in the world preset)")
+    num_t = model.scheduler.config.num_train_timesteps
+    if cfg.prior.orthogonal_probes and not 0 <= cfg.prior.orthogonal_min_t < num_t:
+        raise TrainingError(f"prior.orthogonal_min_t={cfg.prior.orthogonal_min_t}: the probes draw "
+                            f"timesteps from it up to the scheduler's {num_t}, so it must lie in "
+                            f"[0, {num_t}) (400 probes where the class prompt's drift is decided)")
     if cfg.prior.orthogonal_probes:
         k, weights = cfg.prior.orthogonal_probes, sum(p.numel() for p in model.unet.parameters())
         need, free = orthogonal.estimated_bytes(weights, k), orthogonal.free_bytes()

@@ -105,6 +105,16 @@ def test_orthogonal_probes_need_full_fine_tuning_and_are_off_without_a_prior(pho
     assert "orthogonal_probes: 0" in (tmp_path / "none" / "config.yaml").read_text()
 
 
+def test_probe_settings_out_of_range_are_refused_before_any_work(photos, tmp_path):
+    with pytest.raises(TrainingError, match=r"orthogonal_min_t=1000: .* must lie in \[0, 1000\)"):
+        train(make_cfg(photos, "prior.orthogonal_probes=4", "prior.orthogonal_min_t=1000"),
+              tmp_path / "late", progress=False)
+    with pytest.raises(TrainingError, match="orthogonal_probes=-1"):
+        train(make_cfg(photos, "prior.orthogonal_probes=-1"), tmp_path / "neg", progress=False)
+    cache = tmp_path / "cache"
+    assert not cache.exists() or not any(cache.rglob("*.png"))
+
+
 def test_bases_larger_than_free_memory_are_refused_before_any_work(photos, tmp_path, monkeypatch):
     """A Stable Diffusion UNet at K=256 would need 880 GB: say so, with the fix, before class
     images are drawn."""
