@@ -19,8 +19,10 @@ prompt never produces (the identifier's token, the subject's mark) still move th
    loses its component on those inputs: ``dW <- dW - (dW U) U^T``. Norm layers, whose scale and
    shift every input reads, are held at their base values.
 
-Memory is one (in, k) basis per layer (in <= in_channels x kernel area + 1): a few MB for the world
-model, and it scales to a Stable Diffusion UNet. Pure math (``keep_basis``, ``project_inputs_off``)
+Memory is one (in, in) second moment per layer while reading (float64) and one (in, k) basis after
+(in = in_channels x kernel area + 1), all layers at once: 0.36 GiB for the world model, but 79 GiB
+for a Stable Diffusion UNet (``estimated_bytes``), which training refuses; reading one layer at a
+time would fit it, and is not written. Pure math (``keep_basis``, ``project_inputs_off``)
 is apart from the probing (``input_bases``).
 """
 
@@ -72,6 +74,16 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     """The layer's (out, in) matrix: weight flattened (F.unfold's order), bias as the last column."""
     w = module.weight.reshape(module.weight.shape[0], -1)
     return torch.cat([w, module.bias[:, None]], 1) if module.bias is not None else w
+
+
+def input_size(module: nn.Module) -> int:
+    """Columns of ``weight_matrix(module)``: inputs per output, bias included."""
+    return module.weight[0].numel() + (module.bias is not None)
+
+
+def estimated_bytes(unet) -> int:
+    """Peak memory of ``input_bases``: every layer's float64 second moment plus its float32 basis."""
+    return sum(input_size(m) ** 2 * 12 for m in unet.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
 
 
 def input_bases(unet, scheduler, latents: torch.Tensor, conds: list[dict], batches: int, min_t: int,

@@ -315,8 +315,15 @@ def resolve_run_config(cfg: Config, model: BaseModel) -> Config:
     if cfg.prior.orthogonal_probes < 0:
         raise TrainingError(f"prior.orthogonal_probes={cfg.prior.orthogonal_probes}: the number of "
                             "probes is 0 (off) or more (256 in the world preset)")
+    if cfg.prior.null_space:
+        need, free = nullspace.estimated_bytes(model.unet), orthogonal.free_bytes()
+        if need > free:
+            raise TrainingError(
+                f"prior.null_space reads the class prompt's inputs to every UNet layer: "
+                f"{need / 2**30:.1f} GiB, and {'the GPU' if torch.cuda.is_available() else 'this machine'} "
+                f"has {free / 2**30:.1f} GiB free. Set prior.null_space=0 (or train on a larger device)")
     num_t = model.scheduler.config.num_train_timesteps
-    if cfg.prior.orthogonal_probes and not 0 <= cfg.prior.orthogonal_min_t < num_t:
+    if (cfg.prior.orthogonal_probes or cfg.prior.null_space) and not 0 <= cfg.prior.orthogonal_min_t < num_t:
         raise TrainingError(f"prior.orthogonal_min_t={cfg.prior.orthogonal_min_t}: the probes draw "
                             f"timesteps from it up to the scheduler's {num_t}, so it must lie in "
                             f"[0, {num_t}) (400 probes where the class prompt's drift is decided)")

@@ -110,3 +110,13 @@ def test_null_space_settings_are_checked(photos, tmp_path, capsys):
           progress=False)
     assert "prior.null_space is off in this run" in capsys.readouterr().out
     assert "null_space: 0.0" in (tmp_path / "none" / "config.yaml").read_text()
+
+
+def test_moments_larger_than_free_memory_are_refused_before_any_work(photos, tmp_path, monkeypatch):
+    from dreambooth import orthogonal
+
+    monkeypatch.setattr(orthogonal, "free_bytes", lambda: 2**10)
+    with pytest.raises(TrainingError, match=r"prior.null_space reads .* GiB free"):
+        train(make_cfg(photos, "prior.null_space=0.99"), tmp_path / "run", progress=False)
+    cache = tmp_path / "cache"
+    assert not cache.exists() or not any(cache.rglob("*.png"))
