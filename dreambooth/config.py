@@ -73,7 +73,10 @@ class PriorConfig:
     # K > 0: keep the UNet's change off K probes of the class prompt's output gradients, one basis
     # per weight tensor (dreambooth/orthogonal.py). Full mode; memory K x UNet weights x 4 bytes
     orthogonal_probes: int = 0
-    orthogonal_min_t: int = 400  # the probes' noisy class images have t >= this
+    orthogonal_min_t: int = 400  # the probes' (and null_space's) noisy class images have t >= this
+    # e in (0, 1]: keep each UNet layer's change off the inputs (fraction e of their energy) that
+    # the class prompt feeds it (dreambooth/nullspace.py). Full mode; t >= orthogonal_min_t
+    null_space: float = 0.0
 
 
 @dataclass

@@ -23,7 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dreambooth import checkpoint as ckpt
-from dreambooth import orthogonal
+from dreambooth import nullspace, orthogonal
 from dreambooth.config import Config, config_from_dict, save_config
 from dreambooth.errors import DreamboothError
 from dreambooth.loss import dreambooth_loss, min_snr_weights, offset_noise, snr, training_target
@@ -152,6 +152,9 @@ def base_prediction(model: BaseModel, cfg: Config, class_prompt: str, n: int, de
     return predict
 
 
+NULL_SPACE_BATCHES = 32  # prior.null_space: forward passes of 8 noisy class images
+
+
 def class_hold(model: BaseModel, cfg: Config, class_latents, class_prompt: str, device, progress: bool):
     """(UNet weights, their base values, one basis per weight) for ``orthogonal.hold``. Every
     process (and a resumed run) probes the same bases: the probes are seeded and deterministic."""
@@ -165,6 +168,24 @@ def class_hold(model: BaseModel, cfg: Config, class_latents, class_prompt: str, 
                                    cfg.prior.orthogonal_probes, cfg.prior.orthogonal_min_t, concat_cond,
                                    progress=progress)
     return params, [p.detach().clone() for p in params], bases
+
+
+def input_hold(model: BaseModel, cfg: Config, class_latents, class_prompt: str, device, progress: bool):
+    """Arguments for ``nullspace.hold``: the UNet's layers with the bases of the class prompt's
+    inputs to them, the other parameters, and their base values (seeded: the same on resume)."""
+    with torch.no_grad():
+        conds = [encode_prompts(model, [p], device) for p in (class_prompt, "")]
+    print(f"prior.null_space: reading the class prompt's layer inputs ({NULL_SPACE_BATCHES} batches)")
+    bases = nullspace.input_bases(model.unet, model.scheduler, class_latents, conds, NULL_SPACE_BATCHES,
+                                  cfg.prior.orthogonal_min_t, cfg.prior.null_space, concat_cond,
+                                  progress=progress)
+    layers, fixed = nullspace.held_layers(model.unet, bases)
+    kept = sum(b.shape[1] for _, b in layers) / max(1, sum(b.shape[0] for _, b in layers))
+    print(f"prior.null_space: {len(layers)} layers, {kept:.0%} of their input dimensions held; "
+          f"{len(fixed)} other tensors held whole")
+    with torch.no_grad():
+        base_layers = [nullspace.weight_matrix(m).detach().clone() for m, _ in layers]
+    return layers, fixed, base_layers, [p.detach().clone() for p in fixed]
 
 
 def train_token_only(text_encoder, tokenizer, token: str) -> None:
@@ -283,11 +304,26 @@ def resolve_run_config(cfg: Config, model: BaseModel) -> Config:
     if cfg.prior.orthogonal_probes and cfg.train.mode != "full":
         raise TrainingError("prior.orthogonal_probes holds the UNet's own weights while the whole UNet "
                             "is fine-tuned: it needs train.mode=full (or set it to 0 for LoRA)")
+    if cfg.prior.null_space and not cfg.prior.enabled:
+        print("note: prior.null_space is off in this run: it reads the class images, and "
+              "prior.enabled=false draws none")
+        cfg.prior.null_space = 0.0
+    if cfg.prior.null_space and not (0 < cfg.prior.null_space <= 1 and cfg.train.mode == "full"
+                                     and not cfg.prior.orthogonal_probes):
+        raise TrainingError(f"prior.null_space={cfg.prior.null_space}: a fraction in (0, 1] of the class "
+                            "prompt's layer inputs, for train.mode=full, without prior.orthogonal_probes")
     if cfg.prior.orthogonal_probes < 0:
         raise TrainingError(f"prior.orthogonal_probes={cfg.prior.orthogonal_probes}: the number of "
                             "probes is 0 (off) or more (256 in the world preset)")
+    if cfg.prior.null_space:
+        need, free = nullspace.estimated_bytes(model.unet), orthogonal.free_bytes()
+        if need > free:
+            raise TrainingError(
+                f"prior.null_space reads the class prompt's inputs to every UNet layer: "
+                f"{need / 2**30:.1f} GiB, and {'the GPU' if torch.cuda.is_available() else 'this machine'} "
+                f"has {free / 2**30:.1f} GiB free. Set prior.null_space=0 (or train on a larger device)")
     num_t = model.scheduler.config.num_train_timesteps
-    if cfg.prior.orthogonal_probes and not 0 <= cfg.prior.orthogonal_min_t < num_t:
+    if (cfg.prior.orthogonal_probes or cfg.prior.null_space) and not 0 <= cfg.prior.orthogonal_min_t < num_t:
         raise TrainingError(f"prior.orthogonal_min_t={cfg.prior.orthogonal_min_t}: the probes draw "
                             f"timesteps from it up to the scheduler's {num_t}, so it must lie in "
                             f"[0, {num_t}) (400 probes where the class prompt's drift is decided)")
@@ -356,6 +392,10 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
     if use_prior and cfg.prior.orthogonal_probes:
         held = class_hold(model, cfg, class_latents, class_prompt, acc.device,
                           progress and acc.is_main_process)
+    held_inputs = None  # prior.null_space: read before any weight changes
+    if use_prior and cfg.prior.null_space:
+        held_inputs = input_hold(model, cfg, class_latents, class_prompt, acc.device,
+                                 progress and acc.is_main_process)
     if t.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         if "text_encoder" in modules:
@@ -457,6 +497,8 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
         optimizer.step()
         if held is not None:
             orthogonal.hold(*held)
+        if held_inputs is not None:
+            nullspace.hold(*held_inputs)
         lr_sched.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1

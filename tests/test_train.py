@@ -120,8 +120,9 @@ def test_base_target_distils_the_frozen_base_model(photos, tmp_path, mode):
     ["train.mode=full", "prior.target=base", "train.train_text_encoder=true"],
     ["train.mode=lora", "train.lr=1e-2", "prior.target=base"],
     ["train.mode=full", "prior.orthogonal_probes=4"],
+    ["train.mode=full", "prior.null_space=0.99"],
 ], ids=["full", "lora", "full+text-encoder", "lora+text-encoder", "full+base-target", "lora+base-target",
-        "full+orthogonal"])
+        "full+orthogonal", "full+null-space"])
 def test_resume_gives_identical_weights(photos, tmp_path, sets):
     cfg = make_cfg(photos, "train.steps=4", "train.lr_scheduler=cosine", "train.warmup_steps=1", *sets)
     straight = train(cfg, tmp_path / "straight", progress=False)
