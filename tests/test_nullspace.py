@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from dreambooth import nullspace
-from dreambooth.commands.demo import paint_subject
-from dreambooth.config import build_config
 from dreambooth.train import TrainingError, train
+# the same tiny run as the probes' tests (tests/ is on sys.path: pytest's default import mode)
+from test_orthogonal import make_cfg, photos  # noqa: F401  (photos is a fixture)
 
 
 def randn(*shape, seed=0):
@@ -46,18 +46,6 @@ def test_weight_matrix_times_layer_inputs_is_the_layer(layer):
     if isinstance(layer, nn.Conv2d):
         out = out.permute(0, 2, 3, 1).reshape(-1, out.shape[1])
     assert torch.allclose(rows, out, atol=1e-5)
-
-
-@pytest.fixture
-def photos(tmp_path_factory, tmp_path, monkeypatch):
-    monkeypatch.setenv("DREAMBOOTH_CACHE", str(tmp_path / "cache"))
-    return paint_subject(tmp_path_factory.mktemp("photos"), count=3)[0].parent
-
-
-def make_cfg(photos, *sets):
-    return build_config("tiny", overrides=[
-        f"data.images={photos}", "data.class_noun=toy", "data.token=waj", "prior.num_images=4",
-        "prior.steps=2", "train.steps=5", "train.lr=1e-3", "train.checkpoint_every=5", *sets])
 
 
 def test_the_class_prompt_s_prediction_stays_put_and_the_subject_s_moves(photos, tmp_path):
