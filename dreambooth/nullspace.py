@@ -14,7 +14,8 @@ prompt never produces (the identifier's token, the subject's mark) still move th
    second-moment matrix ``C = sum x x^T`` of its inputs: unfolded patches for a convolution, and a
    constant 1 appended when the layer has a bias (so the bias is held as one more input).
 2. ``keep_basis``: the eigenvectors of ``C`` that carry the fraction ``prior.null_space`` of its
-   energy (e.g. 0.99). Everything else the class prompt feeds the layer is below that.
+   energy (0.95 measured best on the world model, docs/world.md). The rest of what the class
+   prompt feeds the layer is below that, and free to move.
 3. After every optimizer step each layer's change from its base value, as an (out, in) matrix,
    loses its component on those inputs: ``dW <- dW - (dW U) U^T``. Norm layers, whose scale and
    shift every input reads, are held at their base values.
