@@ -11,6 +11,7 @@ done, and N processes of batch b see the same samples as one process of batch NÂ
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass, replace
@@ -156,25 +157,20 @@ NULL_SPACE_BATCHES = 32  # prior.null_space: forward passes of 8 noisy class ima
 
 
 def class_hold(model: BaseModel, cfg: Config, class_latents, class_prompt: str, device, progress: bool):
-    """(UNet weights, their base values, one basis per weight) for ``orthogonal.hold``. Every
-    process (and a resumed run) probes the same bases: the probes are seeded and deterministic."""
+    """The hold on the class prompt that ``prior.orthogonal_probes`` or ``prior.null_space`` asks
+    for, as a call to make after every optimizer step. Its bases are read from the base UNet here,
+    before any weight changes; they are seeded, so every process and a resumed run get the same."""
     with torch.no_grad():
         conds = [encode_prompts(model, [p], device) for p in (class_prompt, "")]
-    params = list(model.unet.parameters())
-    gb = orthogonal.estimated_bytes(sum(p.numel() for p in params), cfg.prior.orthogonal_probes) / 2**30
-    print(f"prior.orthogonal_probes: probing the class prompt ({cfg.prior.orthogonal_probes} probes, "
-          f"{gb:.1f} GiB of bases)")
-    bases = orthogonal.probe_bases(model.unet, model.scheduler, class_latents, conds,
-                                   cfg.prior.orthogonal_probes, cfg.prior.orthogonal_min_t, concat_cond,
-                                   progress=progress)
-    return params, [p.detach().clone() for p in params], bases
-
-
-def input_hold(model: BaseModel, cfg: Config, class_latents, class_prompt: str, device, progress: bool):
-    """Arguments for ``nullspace.hold``: the UNet's layers with the bases of the class prompt's
-    inputs to them, the other parameters, and their base values (seeded: the same on resume)."""
-    with torch.no_grad():
-        conds = [encode_prompts(model, [p], device) for p in (class_prompt, "")]
+    if cfg.prior.orthogonal_probes:
+        params = list(model.unet.parameters())
+        gb = orthogonal.estimated_bytes(sum(p.numel() for p in params), cfg.prior.orthogonal_probes) / 2**30
+        print(f"prior.orthogonal_probes: probing the class prompt ({cfg.prior.orthogonal_probes} probes, "
+              f"{gb:.1f} GiB of bases)")
+        bases = orthogonal.probe_bases(model.unet, model.scheduler, class_latents, conds,
+                                       cfg.prior.orthogonal_probes, cfg.prior.orthogonal_min_t, concat_cond,
+                                       progress=progress)
+        return functools.partial(orthogonal.hold, params, [p.detach().clone() for p in params], bases)
     print(f"prior.null_space: reading the class prompt's layer inputs ({NULL_SPACE_BATCHES} batches)")
     bases = nullspace.input_bases(model.unet, model.scheduler, class_latents, conds, NULL_SPACE_BATCHES,
                                   cfg.prior.orthogonal_min_t, cfg.prior.null_space, concat_cond,
@@ -185,7 +181,17 @@ def input_hold(model: BaseModel, cfg: Config, class_latents, class_prompt: str, 
           f"{len(fixed)} other tensors held whole")
     with torch.no_grad():
         base_layers = [nullspace.weight_matrix(m).detach().clone() for m, _ in layers]
-    return layers, fixed, base_layers, [p.detach().clone() for p in fixed]
+    return functools.partial(nullspace.hold, layers, fixed, base_layers, [p.detach().clone() for p in fixed])
+
+
+def refuse_larger_than_free(need: int, what: str, fix: str) -> None:
+    """A TrainingError, before any work, when ``need`` bytes exceed the free memory (the GPU's
+    when training runs on one, else the machine's)."""
+    free = orthogonal.free_bytes()
+    if need > free:
+        raise TrainingError(f"{what}: {need / 2**30:.1f} GiB, and "
+                            f"{'the GPU' if torch.cuda.is_available() else 'this machine'} has "
+                            f"{free / 2**30:.1f} GiB free. {fix}")
 
 
 def train_token_only(text_encoder, tokenizer, token: str) -> None:
@@ -297,17 +303,14 @@ def resolve_run_config(cfg: Config, model: BaseModel) -> Config:
         raise TrainingError("train.train_token is for full fine-tuning: a LoRA final/ does not "
                             "carry the text encoder's embeddings. Use train.train_text_encoder "
                             "(LoRA on the text encoder) with train.mode=lora")
-    if cfg.prior.orthogonal_probes and not cfg.prior.enabled:
-        print("note: prior.orthogonal_probes is off in this run: it probes the class images, and "
-              "prior.enabled=false draws none")
-        cfg.prior.orthogonal_probes = 0  # the saved config says what the run did
+    for key in ("orthogonal_probes", "null_space"):  # the holds read the class images
+        if getattr(cfg.prior, key) and not cfg.prior.enabled:
+            print(f"note: prior.{key} is off in this run: it reads the class images, and "
+                  "prior.enabled=false draws none")
+            setattr(cfg.prior, key, type(getattr(cfg.prior, key))(0))  # the saved config says so
     if cfg.prior.orthogonal_probes and cfg.train.mode != "full":
         raise TrainingError("prior.orthogonal_probes holds the UNet's own weights while the whole UNet "
                             "is fine-tuned: it needs train.mode=full (or set it to 0 for LoRA)")
-    if cfg.prior.null_space and not cfg.prior.enabled:
-        print("note: prior.null_space is off in this run: it reads the class images, and "
-              "prior.enabled=false draws none")
-        cfg.prior.null_space = 0.0
     if cfg.prior.null_space and not (0 < cfg.prior.null_space <= 1 and cfg.train.mode == "full"
                                      and not cfg.prior.orthogonal_probes):
         raise TrainingError(f"prior.null_space={cfg.prior.null_space}: a fraction in (0, 1] of the class "
@@ -316,12 +319,9 @@ def resolve_run_config(cfg: Config, model: BaseModel) -> Config:
         raise TrainingError(f"prior.orthogonal_probes={cfg.prior.orthogonal_probes}: the number of "
                             "probes is 0 (off) or more (256 in the world preset)")
     if cfg.prior.null_space:
-        need, free = nullspace.estimated_bytes(model.unet), orthogonal.free_bytes()
-        if need > free:
-            raise TrainingError(
-                f"prior.null_space reads the class prompt's inputs to every UNet layer: "
-                f"{need / 2**30:.1f} GiB, and {'the GPU' if torch.cuda.is_available() else 'this machine'} "
-                f"has {free / 2**30:.1f} GiB free. Set prior.null_space=0 (or train on a larger device)")
+        refuse_larger_than_free(nullspace.estimated_bytes(model.unet),
+                                "prior.null_space reads the class prompt's inputs to every UNet layer",
+                                "Set prior.null_space=0 (or train on a larger device)")
     num_t = model.scheduler.config.num_train_timesteps
     if (cfg.prior.orthogonal_probes or cfg.prior.null_space) and not 0 <= cfg.prior.orthogonal_min_t < num_t:
         raise TrainingError(f"prior.orthogonal_min_t={cfg.prior.orthogonal_min_t}: the probes draw "
@@ -329,14 +329,12 @@ def resolve_run_config(cfg: Config, model: BaseModel) -> Config:
                             f"[0, {num_t}) (400 probes where the class prompt's drift is decided)")
     if cfg.prior.orthogonal_probes:
         k, weights = cfg.prior.orthogonal_probes, sum(p.numel() for p in model.unet.parameters())
-        need, free = orthogonal.estimated_bytes(weights, k), orthogonal.free_bytes()
-        if need > free:
-            raise TrainingError(
-                f"prior.orthogonal_probes={k} keeps {k} directions for each of the UNet's "
-                f"{weights / 1e6:.1f} M weights: {need / 2**30:.1f} GiB, and "
-                f"{'the GPU' if torch.cuda.is_available() else 'this machine'} has "
-                f"{free / 2**30:.1f} GiB free. It is for small UNets such as the world model's: "
-                "lower prior.orthogonal_probes (memory is proportional to it) or set it to 0")
+        refuse_larger_than_free(
+            orthogonal.estimated_bytes(weights, k),
+            f"prior.orthogonal_probes={k} keeps {k} directions for each of the UNet's "
+            f"{weights / 1e6:.1f} M weights",
+            "It is for small UNets such as the world model's: lower prior.orthogonal_probes (memory is "
+            "proportional to it) or set it to 0")
     if cfg.train.optimizer == "adamw8bit" and not torch.cuda.is_available():
         raise TrainingError("train.optimizer=adamw8bit needs a CUDA GPU (bitsandbytes); "
                             "use train.optimizer=adamw on CPU")
@@ -388,14 +386,8 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
     modules = setup_trainable(model, cfg)
     reference = (base_prediction(model, cfg, class_prompt, t.batch_size, acc.device, low)
                  if use_prior and cfg.prior.target == "base" else None)  # before any weight changes
-    held = None  # prior.orthogonal_probes: probed before any weight changes
-    if use_prior and cfg.prior.orthogonal_probes:
-        held = class_hold(model, cfg, class_latents, class_prompt, acc.device,
-                          progress and acc.is_main_process)
-    held_inputs = None  # prior.null_space: read before any weight changes
-    if use_prior and cfg.prior.null_space:
-        held_inputs = input_hold(model, cfg, class_latents, class_prompt, acc.device,
-                                 progress and acc.is_main_process)
+    hold = (class_hold(model, cfg, class_latents, class_prompt, acc.device, progress and acc.is_main_process)
+            if use_prior and (cfg.prior.orthogonal_probes or cfg.prior.null_space) else None)
     if t.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         if "text_encoder" in modules:
@@ -495,10 +487,8 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
             acc.clip_grad_norm_([p for m in modules.values() for p in m.parameters() if p.requires_grad],
                                 t.max_grad_norm)
         optimizer.step()
-        if held is not None:
-            orthogonal.hold(*held)
-        if held_inputs is not None:
-            nullspace.hold(*held_inputs)
+        if hold is not None:  # prior.orthogonal_probes / prior.null_space
+            hold()
         lr_sched.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
