@@ -33,6 +33,19 @@ def main(argv=None) -> int:
     ap.add_argument("--subjects", default="1,2,3,4", help="indices into held_out_subjects()")
     ap.add_argument("--steps", type=int, default=0, help="training steps (0: the world preset's)")
     ap.add_argument("--class-samples", type=int, default=400)
+    ap.add_argument("--distance-at", default="",
+                    help="also report the prior distance on the first N paired class samples, for "
+                         "each N of this comma-separated list (e.g. 400,800): how the estimate moves "
+                         "with the sample count, beside each N's expected unpaired floor")
+    ap.add_argument("--floor-samples", type=int, default=0,
+                    help="class samples for the measured unpaired floor (0: --class-samples)")
+    ap.add_argument("--base-readings", default="",
+                    help="a folder of readings-SUBJECT.json written by --save-readings: take the base "
+                         "model's class readings (and the other seeds') from there instead of sampling "
+                         "them again (the same seeds and model read the same)")
+    ap.add_argument("--save-readings", action="store_true",
+                    help="write every class sample's probe reading (base, other seeds, each run) to "
+                         "OUT/readings-SUBJECT.json, so distances can be recomputed without sampling")
     ap.add_argument("--base-samples", type=int, default=200, help="0: skip the base-model check")
     ap.add_argument("--named-marks", type=int, default=0,
                     help="captions that also name a mark (or none), to count how often the base "
@@ -55,7 +68,7 @@ def main(argv=None) -> int:
     from dreambooth.data import contact_sheet
     from dreambooth.models import load_base_model
     from dreambooth.train import train
-    from dreambooth.world.probe import load_probe, tv_report
+    from dreambooth.world.probe import expected_floor, load_probe, tv_report
     from dreambooth.world.render import held_out_subjects
     from dreambooth.world.score import base_accuracy, class_samples, score_world, vae_ceiling
 
@@ -75,11 +88,25 @@ def main(argv=None) -> int:
         subject = held_out_subjects()[index]
         photos = work / subject.name / "photos"
         subject.save_photos(photos, 5, seed=0, captions=True, masks=args.masks)
-        n = args.class_samples
-        before, before_images = class_samples(base, subject.shape, n, probe)
-        other_seeds, _ = class_samples(base, subject.shape, n, probe, seed=99_000)
-        row = {"noise_floor_unpaired": round(tv_report(other_seeds, before)["mean"], 4),
+        n, n_floor = args.class_samples, args.floor_samples or args.class_samples
+        prefixes = sorted({int(k) for k in args.distance_at.split(",") if k.strip()} | {n})
+        reuse = Path(args.base_readings) / f"readings-{subject.name}.json" if args.base_readings else None
+        if reuse is not None and reuse.is_file():
+            kept = json.loads(reuse.read_text())
+            if len(kept["before"]) < n or len(kept["other_seeds"]) < n_floor:
+                raise SystemExit(f"{reuse} holds fewer base readings than --class-samples/--floor-samples")
+            before, other_seeds = kept["before"][:n], kept["other_seeds"][:n_floor]
+            before_images = class_samples(base, subject.shape, 6, probe)[1]  # for the sheet
+            print(f"base readings from {reuse}")
+        else:
+            before, before_images = class_samples(base, subject.shape, n, probe)
+            other_seeds, _ = class_samples(base, subject.shape, n_floor, probe, seed=99_000)
+        row = {"noise_floor_unpaired": round(tv_report(other_seeds, before[:n_floor])["mean"], 4),
                "vae_ceiling": vae_ceiling(base, subject, probe=probe)}
+        if len(prefixes) > 1 or n_floor != n:
+            row["class_samples"], row["floor_samples"] = n, n_floor
+            row["noise_floor_expected"] = {k: round(expected_floor(before, k), 4) for k in prefixes}
+        saved = {"before": before, "other_seeds": other_seeds}
         sheets = [(f"base: a photo of a {subject.shape}", im) for im in before_images[:6]]
         seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
         for label, sets in (("prior", []), ("no-prior", ["prior.enabled=false"])):
@@ -98,6 +125,11 @@ def main(argv=None) -> int:
                 s = score_world(tuned, subject, cfg.data.token, base_readings=before, n_class=n,
                                 probe=probe)
                 row[name] = s.summary()
+                saved[name] = s.class_readings
+                if len(prefixes) > 1:
+                    row[name]["prior_distance_at"] = {
+                        k: {f: round(v, 4) for f, v in tv_report(s.class_readings[:k], before[:k]).items()}
+                        for k in prefixes}
                 runs.append(row[name])
                 print(subject.name, name, json.dumps(row[name]))
                 if i == 0:
@@ -111,6 +143,10 @@ def main(argv=None) -> int:
                     "prior_distance": round(sum(r["prior_distance"]["mean"] for r in runs) / len(runs), 4)}
                 print(subject.name, f"{label}-mean", json.dumps(row[f"{label}-mean"]))
         results["subjects"][subject.name] = row
+        if args.save_readings:
+            (out / f"readings-{subject.name}.json").write_text(json.dumps(
+                {k: [{f: r[f] for f in ("shape", "color", "pattern", "mark", "background")} for r in v]
+                 for k, v in saved.items()}))
         contact_sheet([im for _, im in sheets], [t for t, _ in sheets], cell=96).save(
             out / f"{subject.name}.png")
     results["seconds"] = round(time.perf_counter() - started)

@@ -166,6 +166,22 @@ def test_tv_distance_exact():
     assert rep["joint"] == pytest.approx(0.5)  # {rb .5, rs .5} vs {rs .5, bb .5}
 
 
+def test_expected_floor_is_the_bias_of_two_independent_samples():
+    one = [{"color": "red"}] * 10
+    assert P.expected_floor(one, 50, factors=("color",)) == 0.0  # one value: no two samples differ
+    half = [{"color": "red"}, {"color": "blue"}] * 50
+    # n = 1: two draws differ half the time, and then their TV is 1
+    assert abs(P.expected_floor(half, 1, factors=("color",), draws=20_000) - 0.5) < 0.02
+    # large n, two values at 1/2: E|a - b| = sqrt(2 n p (1 - p)) sqrt(2 / pi), TV = that / n
+    n = 400
+    want = math.sqrt(2 * n * 0.25) * math.sqrt(2 / math.pi) / n
+    got = P.expected_floor(half, n, factors=("color",), draws=20_000)
+    assert abs(got - want) < 0.002, (got, want)
+    # four times the samples: half the floor
+    quarter = P.expected_floor(half, 4 * n, factors=("color",), draws=20_000)
+    assert abs(quarter / got - 0.5) < 0.05
+
+
 def test_diversity():
     same = [_r(), _r()]
     assert P.diversity(same) == {"pose": 0.0, "background": 0.0}

@@ -323,6 +323,21 @@ def tv_report(readings, reference, factors=("shape", "color", "pattern", "backgr
     return out
 
 
+def expected_floor(reference, n: int, factors=("shape", "color", "pattern", "background"),
+                   draws: int = 400, seed: int = 0) -> float:
+    """The mean over ``factors`` of the TV distance that two independent samples of ``n`` images
+    from the same model read on average (Monte Carlo over ``draws`` pairs of multinomial draws
+    from ``reference``'s factor frequencies). ``tv_report`` of two such samples is positive although
+    their model is one: this is that bias, what an unchanged distribution reads at ``n`` unpaired."""
+    rng = np.random.default_rng(seed)
+    total = 0.0
+    for f, dist in factor_distribution(reference, factors).items():
+        p = np.array(list(dist.values()))
+        a, b = rng.multinomial(n, p, size=draws), rng.multinomial(n, p, size=draws)
+        total += float(np.abs(a - b).sum(1).mean()) / (2 * n)
+    return total / len(factors)
+
+
 def diversity(readings) -> dict[str, float]:
     """{"pose": mean pairwise distance of (x, y, size), "background": normalized entropy}.
 

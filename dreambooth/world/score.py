@@ -32,6 +32,7 @@ class WorldScores:
     factor_match: dict[str, float] = field(default_factory=dict)  # per identity factor
     images: list = field(default_factory=list, repr=False)  # (prompt, seed, PIL image)
     class_images: list = field(default_factory=list, repr=False)  # class prompt, after tuning
+    class_readings: list = field(default_factory=list, repr=False)  # their probe readings
 
     def summary(self) -> dict:
         return {"subject_fidelity": round(self.subject_fidelity, 4),
@@ -78,7 +79,8 @@ def score_world(tuned: BaseModel, subject: Subject, token: str, *, base: BaseMod
         prior_distance=tv_report(after, base_readings, factors=("shape", "color", "pattern", "background")),
         diversity=diversity(plain),
         factor_match=factor_match(readings, subject),
-        images=[(p, s, im) for (p, _, s), im in zip(pairs, images)], class_images=after_images)
+        images=[(p, s, im) for (p, _, s), im in zip(pairs, images)], class_images=after_images,
+        class_readings=after)
 
 
 def base_accuracy(model: BaseModel, n: int = 200, seed: int = 7, steps: int = 25,
