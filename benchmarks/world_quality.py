@@ -114,7 +114,7 @@ def main(argv=None) -> int:
                 continue
             runs = []  # one summary per training seed
             for i, train_seed in enumerate(seeds):
-                name = label if i == 0 else f"{label}@seed{train_seed}"
+                name = label if train_seed == 0 else f"{label}@seed{train_seed}"  # --seeds 1 alone: "prior@seed1"
                 cfg = build_config("world", overrides=[
                     *sets, *([f"train.steps={args.steps}"] if args.steps else []),
                     f"train.seed={train_seed}", *args.sets], extra={
