@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     from dreambooth.data import contact_sheet
     from dreambooth.models import load_base_model
     from dreambooth.train import train
-    from dreambooth.world.probe import expected_floor, load_probe, tv_report
+    from dreambooth.world.probe import HEADS, expected_floor, load_probe, tv_report
     from dreambooth.world.render import held_out_subjects
     from dreambooth.world.score import base_accuracy, class_samples, score_world, vae_ceiling
 
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
         results["subjects"][subject.name] = row
         if args.save_readings:
             (out / f"readings-{subject.name}.json").write_text(json.dumps(
-                {k: [{f: r[f] for f in ("shape", "color", "pattern", "mark", "background")} for r in v]
+                {k: [{f: r[f] for f in HEADS} for r in v]
                  for k, v in saved.items()}))
         contact_sheet([im for _, im in sheets], [t for t, _ in sheets], cell=96).save(
             out / f"{subject.name}.png")

@@ -48,6 +48,7 @@ WEIGHTS, META = "probe.safetensors", "probe.json"
 HEADS = {"shape": SHAPES, "color": tuple(COLORS), "pattern": PATTERNS, "mark": MARKS,
          "background": BACKGROUNDS}
 POSE = ("x", "y", "size")
+DISTRIBUTION = ("shape", "color", "pattern", "background")  # what the prior distance compares
 RESOLUTION = 64
 EVAL_SEED = -1  # the scenes accuracy is measured on; training seeds are >= 0
 WIDTHS, HIDDEN = (16, 32, 48, 64, 96), 160  # the shipped probe's architecture
@@ -292,7 +293,7 @@ def prompt_fidelity(readings, backgrounds) -> float:
     return sum(_get(r, "background") == b for r, b in zip(readings, backgrounds)) / len(readings)
 
 
-def factor_distribution(readings, factors=("shape", "color", "pattern", "background")) -> dict[str, dict[str, float]]:
+def factor_distribution(readings, factors=DISTRIBUTION) -> dict[str, dict[str, float]]:
     """{factor: {value: frequency}} over every value the factor can take (unseen values get 0)."""
     n = len(readings)
     out = {}
@@ -302,7 +303,7 @@ def factor_distribution(readings, factors=("shape", "color", "pattern", "backgro
     return out
 
 
-def joint_distribution(readings, factors=("shape", "color", "pattern", "background")) -> dict[tuple, float]:
+def joint_distribution(readings, factors=DISTRIBUTION) -> dict[tuple, float]:
     """{(value, value, ...): frequency} of the factors read together (only outcomes seen)."""
     n = len(readings)
     counts = Counter(tuple(_get(r, f) for f in factors) for r in readings)
@@ -314,7 +315,7 @@ def tv_distance(p: dict, q: dict) -> float:
     return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in set(p) | set(q))
 
 
-def tv_report(readings, reference, factors=("shape", "color", "pattern", "background")) -> dict[str, float]:
+def tv_report(readings, reference, factors=DISTRIBUTION) -> dict[str, float]:
     """TV distance between two sets of readings: per factor, "mean" of those, and "joint"."""
     p, q = factor_distribution(readings, factors), factor_distribution(reference, factors)
     out = {f: tv_distance(p[f], q[f]) for f in factors}
@@ -323,7 +324,7 @@ def tv_report(readings, reference, factors=("shape", "color", "pattern", "backgr
     return out
 
 
-def expected_floor(reference, n: int, factors=("shape", "color", "pattern", "background"),
+def expected_floor(reference, n: int, factors=DISTRIBUTION,
                    draws: int = 400, seed: int = 0) -> float:
     """The mean over ``factors`` of the TV distance that two independent samples of ``n`` images
     from the same model read on average (Monte Carlo over ``draws`` pairs of multinomial draws

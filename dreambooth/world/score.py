@@ -59,8 +59,8 @@ def score_world(tuned: BaseModel, subject: Subject, token: str, *, base: BaseMod
                 steps: int = 25, guidance: float = 5.0, probe=None) -> WorldScores:
     """Generate and score; the base model's class readings may be passed in to reuse them."""
     from dreambooth.sample import generate
-    from dreambooth.world.probe import (diversity, factor_match, load_probe, prompt_fidelity,
-                                        subject_fidelity, tv_report)
+    from dreambooth.world.probe import (DISTRIBUTION, diversity, factor_match, load_probe,
+                                        prompt_fidelity, subject_fidelity, tv_report)
 
     probe = probe or load_probe()
     prompts = subject_prompts(token, subject.shape)
@@ -76,7 +76,7 @@ def score_world(tuned: BaseModel, subject: Subject, token: str, *, base: BaseMod
     return WorldScores(
         subject_fidelity=subject_fidelity(readings, subject),
         prompt_fidelity=prompt_fidelity([r for r, _ in in_context], [b for _, b in in_context]),
-        prior_distance=tv_report(after, base_readings, factors=("shape", "color", "pattern", "background")),
+        prior_distance=tv_report(after, base_readings, factors=DISTRIBUTION),
         diversity=diversity(plain),
         factor_match=factor_match(readings, subject),
         images=[(p, s, im) for (p, _, s), im in zip(pairs, images)], class_images=after_images,
@@ -96,7 +96,7 @@ def base_accuracy(model: BaseModel, n: int = 200, seed: int = 7, steps: int = 25
     import random
 
     from dreambooth.sample import generate
-    from dreambooth.world.probe import load_probe
+    from dreambooth.world.probe import DISTRIBUTION, load_probe
     from dreambooth.world.render import MARKS, caption, is_held_out, random_scene
 
     probe = probe or load_probe()
@@ -109,7 +109,7 @@ def base_accuracy(model: BaseModel, n: int = 200, seed: int = 7, steps: int = 25
     images = generate(model, [caption(s) for s in scenes], [seed + i for i in range(n)],
                       steps=steps, guidance=guidance, batch_size=32)
     readings = probe.read(images)
-    factors = ("shape", "color", "pattern", "background")
+    factors = DISTRIBUTION
     out = {f: sum(r[f] == getattr(s, f) for r, s in zip(readings, scenes)) / n for f in factors}
     out["all"] = sum(all(r[f] == getattr(s, f) for f in factors) for r, s in zip(readings, scenes)) / n
     if marks:
