@@ -41,11 +41,12 @@ def test_quick_demo_on_the_world_model(tmp_path, monkeypatch, capsys):
                  "--quick", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "probe scores: subject fidelity" in out
+    assert "of their input dimensions held" in out
     scores = json.loads((tmp_path / "demo/run/world-scores.json").read_text())
     assert 0 <= scores["subject_fidelity"] <= 1
-    # the photos come with the subject's masks, and the preset's probes run (fewer in --quick)
+    # the photos come with the subject's masks, and the preset's null-space hold runs
     assert len(list((tmp_path / "demo/photos").glob("photo-*.mask.png"))) == 5
-    assert "orthogonal_probes: 16" in (tmp_path / "demo/run/config.yaml").read_text()
+    assert "null_space: 0.95" in (tmp_path / "demo/run/config.yaml").read_text()
 
 
 def test_world_probe_metric_set_reads_the_subject_and_the_prior(tmp_path):

@@ -88,8 +88,6 @@ def demo(out: str = "dreambooth-demo", model: str = "auto", steps: int = 0, quic
         print(f"1/3 painted {len(photos)} photos of the subject in {root / 'photos'}")
     cfg = build_config(preset, overrides=overrides, extra={
         "data.images": str(root / "photos"), "data.class_noun": noun, "model.path": model})
-    if quick:
-        cfg.prior.orthogonal_probes = min(cfg.prior.orthogonal_probes, 16)
     run_dir = root / "run"
     result = train(cfg, run_dir, progress=progress)
     print(f"2/3 trained {result.step} steps with prior preservation (loss {result.loss:.4f})")
