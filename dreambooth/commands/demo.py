@@ -48,7 +48,7 @@ def demo(out: str = "dreambooth-demo", model: str = "auto", steps: int = 0, quic
         out: folder for the demo (photos/, run/); a previous demo there is replaced
         model: auto (world if shipped, else tiny), world, tiny, or a local diffusers folder
         steps: training steps (0: the preset's)
-        quick: fewer class images, probes, samples and solver steps (a smoke test, e.g. in CI)
+        quick: fewer class images, samples and solver steps (a smoke test, e.g. in CI)
         progress: show progress bars
     """
     from dreambooth.checkpoint import load_run_model
