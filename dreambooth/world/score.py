@@ -59,8 +59,8 @@ def score_world(tuned: BaseModel, subject: Subject, token: str, *, base: BaseMod
                 steps: int = 25, guidance: float = 5.0, probe=None) -> WorldScores:
     """Generate and score; the base model's class readings may be passed in to reuse them."""
     from dreambooth.sample import generate
-    from dreambooth.world.probe import (DISTRIBUTION, diversity, factor_match, load_probe,
-                                        prompt_fidelity, subject_fidelity, tv_report)
+    from dreambooth.world.probe import (diversity, factor_match, load_probe, prompt_fidelity,
+                                        subject_fidelity, tv_report)
 
     probe = probe or load_probe()
     prompts = subject_prompts(token, subject.shape)
@@ -76,7 +76,7 @@ def score_world(tuned: BaseModel, subject: Subject, token: str, *, base: BaseMod
     return WorldScores(
         subject_fidelity=subject_fidelity(readings, subject),
         prompt_fidelity=prompt_fidelity([r for r, _ in in_context], [b for _, b in in_context]),
-        prior_distance=tv_report(after, base_readings, factors=DISTRIBUTION),
+        prior_distance=tv_report(after, base_readings),  # over probe.DISTRIBUTION
         diversity=diversity(plain),
         factor_match=factor_match(readings, subject),
         images=[(p, s, im) for (p, _, s), im in zip(pairs, images)], class_images=after_images,
