@@ -104,6 +104,11 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     snr_gamma: float = 0.0  # min-SNR-gamma loss weighting (0: off; 5.0 is the usual value)
     noise_offset: float = 0.0
+    # b in (0, 1]: a fraction b of the samples (photos and class images alike) draw their timestep
+    # from [timestep_bias_min, T) instead of [0, T): more of the training where layouts, patterns'
+    # lattices and marks are decided (high noise). 0: uniform, as in the paper
+    timestep_bias: float = 0.0
+    timestep_bias_min: int = 500
     seed: int = 0
     log_every: int = 1
     checkpoint_every: int = 200

@@ -27,7 +27,7 @@ from dreambooth import checkpoint as ckpt
 from dreambooth import nullspace, orthogonal
 from dreambooth.config import Config, config_from_dict, save_config
 from dreambooth.errors import DreamboothError
-from dreambooth.loss import dreambooth_loss, min_snr_weights, offset_noise, snr, training_target
+from dreambooth.loss import draw_timestep, dreambooth_loss, min_snr_weights, offset_noise, snr, training_target
 from dreambooth.models import (BaseModel, concat_cond, encode_latents, encode_prompts,
                                load_configured)
 from dreambooth.selection import select_best, should_stop
@@ -60,7 +60,8 @@ def nth_of_shuffle(seed: int, n: int, k: int, stream: int) -> int:
     return int(torch.randperm(n, generator=g)[k % n])
 
 
-def draw_samples(halves, ks: list[int], seed: int, num_train_timesteps: int, noise_offset: float):
+def draw_samples(halves, ks: list[int], seed: int, num_train_timesteps: int, noise_offset: float,
+                 timestep_bias: float = 0.0, timestep_bias_min: int = 0):
     """Latents, noise, timesteps, prompts and loss masks of global samples ``ks`` from each half
     in turn (half 0: the subject's photos, half 1: class images). A half is (latents, prompts,
     masks or None); the masks are None when no half has any. Each draw uses its own generator."""
@@ -70,7 +71,7 @@ def draw_samples(halves, ks: list[int], seed: int, num_train_timesteps: int, noi
         for k in ks:
             i = nth_of_shuffle(seed, len(source), k, stream)
             g = torch.Generator().manual_seed(sample_seed(seed, k, stream))
-            tsteps.append(torch.randint(0, num_train_timesteps, (1,), generator=g))
+            tsteps.append(draw_timestep(g, num_train_timesteps, timestep_bias, timestep_bias_min))
             n = torch.randn(source[i].shape, generator=g)
             noise.append(offset_noise(n[None], noise_offset, g)[0])
             latents.append(source[i])
@@ -327,6 +328,12 @@ def resolve_run_config(cfg: Config, model: BaseModel) -> Config:
         raise TrainingError(f"prior.orthogonal_min_t={cfg.prior.orthogonal_min_t}: the probes draw "
                             f"timesteps from it up to the scheduler's {num_t}, so it must lie in "
                             f"[0, {num_t}) (400 probes where the class prompt's drift is decided)")
+    if cfg.train.timestep_bias and not (0 < cfg.train.timestep_bias <= 1
+                                        and 0 <= cfg.train.timestep_bias_min < num_t):
+        raise TrainingError(f"train.timestep_bias={cfg.train.timestep_bias} from train.timestep_bias_min="
+                            f"{cfg.train.timestep_bias_min}: the bias is the fraction in (0, 1] of samples "
+                            f"whose timestep is drawn from [timestep_bias_min, {num_t}) instead of "
+                            f"[0, {num_t}), so the minimum must lie in [0, {num_t})")
     if cfg.prior.orthogonal_probes:
         k, weights = cfg.prior.orthogonal_probes, sum(p.numel() for p in model.unet.parameters())
         refuse_larger_than_free(
@@ -452,8 +459,8 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
                     sync.enter_context(acc.no_sync(module))
             with sync:
                 ks = [((step * accum + micro) * world + rank) * b + j for j in range(b)]
-                x0, eps, ts, prompts, masks = draw_samples(halves, ks, t.seed, num_train_t,
-                                                           t.noise_offset)
+                x0, eps, ts, prompts, masks = draw_samples(halves, ks, t.seed, num_train_t, t.noise_offset,
+                                                           t.timestep_bias, t.timestep_bias_min)
                 x0, eps, ts = x0.to(acc.device), eps.to(acc.device), ts.to(acc.device)
                 noisy = model.scheduler.add_noise(x0, eps, ts)
                 target = training_target(model.prediction_type, x0, eps, ts, acp)

@@ -121,8 +121,9 @@ def test_base_target_distils_the_frozen_base_model(photos, tmp_path, mode):
     ["train.mode=lora", "train.lr=1e-2", "prior.target=base"],
     ["train.mode=full", "prior.orthogonal_probes=4"],
     ["train.mode=full", "prior.null_space=0.99"],
+    ["train.mode=full", "train.timestep_bias=0.5"],
 ], ids=["full", "lora", "full+text-encoder", "lora+text-encoder", "full+base-target", "lora+base-target",
-        "full+orthogonal", "full+null-space"])
+        "full+orthogonal", "full+null-space", "full+timestep-bias"])
 def test_resume_gives_identical_weights(photos, tmp_path, sets):
     cfg = make_cfg(photos, "train.steps=4", "train.lr_scheduler=cosine", "train.warmup_steps=1", *sets)
     straight = train(cfg, tmp_path / "straight", progress=False)
@@ -357,3 +358,24 @@ def test_a_mask_cropped_away_is_refused(tmp_path):
     mask.save(folder / "wide.mask.png")
     with pytest.raises(TrainingError, match=r"wide\.png: its mask is empty after the center crop"):
         train(make_cfg(folder), tmp_path / "run", progress=False)
+
+
+def test_timestep_bias_draws_late_timesteps_for_both_halves(photos, tmp_path):
+    from dreambooth.train import draw_samples
+
+    halves = [(torch.zeros(3, 4, 8, 8), ["a photo of waj toy"] * 3, None),
+              (torch.zeros(5, 4, 8, 8), ["a photo of a toy"] * 5, None)]
+    ks = list(range(64))
+    plain = draw_samples(halves, ks, 0, 1000, 0.0)[2]
+    late = draw_samples(halves, ks, 0, 1000, 0.0, timestep_bias=1.0, timestep_bias_min=600)[2]
+    assert len(late) == 128 and late.min() >= 600  # photos (first 64) and class images alike
+    assert plain.min() < 600
+    assert torch.equal(plain, draw_samples(halves, ks, 0, 1000, 0.0, timestep_bias=0.0)[2])
+
+
+def test_timestep_bias_out_of_range_is_refused_before_any_work(photos, tmp_path):
+    for sets in (["train.timestep_bias=1.5"], ["train.timestep_bias=0.5", "train.timestep_bias_min=1000"]):
+        with pytest.raises(TrainingError, match=r"timestep_bias=.* must lie in \[0, 1000\)"):
+            train(make_cfg(photos, *sets), tmp_path / "late", progress=False)
+    cache = tmp_path / "cache"
+    assert not cache.exists() or not any(cache.rglob("*.png"))
