@@ -360,7 +360,7 @@ def test_a_mask_cropped_away_is_refused(tmp_path):
         train(make_cfg(folder), tmp_path / "run", progress=False)
 
 
-def test_timestep_bias_draws_late_timesteps_for_both_halves(photos, tmp_path):
+def test_timestep_bias_draws_late_timesteps_for_both_halves():
     from dreambooth.train import draw_samples
 
     halves = [(torch.zeros(3, 4, 8, 8), ["a photo of waj toy"] * 3, None),
