@@ -77,6 +77,9 @@ class PriorConfig:
     # e in (0, 1]: keep each UNet layer's change off the inputs (fraction e of their energy) that
     # the class prompt feeds it (dreambooth/nullspace.py). Full mode; t >= orthogonal_min_t
     null_space: float = 0.0
+    # which inputs carry the energy e: "inputs" counts every input row alike; "outputs" weighs
+    # each by how much the UNet's output depends on that row's output (a random projection's gradient)
+    null_space_weighting: str = _choices("inputs", "outputs", default="inputs")
 
 
 @dataclass

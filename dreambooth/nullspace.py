@@ -13,6 +13,10 @@ prompt never produces (the identifier's token, the subject's mark) still move th
    guidance's two branches) accumulate, for every ``nn.Linear`` and ``nn.Conv2d``, the
    second-moment matrix ``C = sum x x^T`` of its inputs: unfolded patches for a convolution, and a
    constant 1 appended when the layer has a bias (so the bias is held as one more input).
+   With ``prior.null_space_weighting: outputs`` each input row counts in ``C`` by how much the
+   UNet's output depends on that row's output (the squared norm of its gradient under a random
+   projection of the output: Hutchinson's estimate of J J^T), so energy the output ignores is
+   not held.
 2. ``keep_basis``: the eigenvectors of ``C`` that carry the fraction ``prior.null_space`` of its
    energy (0.95 measured best on the world model, docs/world.md). The rest of what the class
    prompt feeds the layer is below that, and free to move.
@@ -87,10 +91,27 @@ def estimated_bytes(unet) -> int:
     return sum(input_size(m) ** 2 * 12 for m in unet.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
 
 
+def add_moment(moments: dict, name: str, rows: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+    """moments[name] += sum_i w_i x_i x_i^T over the (rows, in) ``rows`` (w = 1 without weights)."""
+    r = rows.double()
+    m = (r * weights.double()[:, None]).T @ r if weights is not None else r.T @ r
+    moments[name] = moments[name] + m if name in moments else m
+
+
+def output_rows(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
+    """Per-row squared norm of a layer's output gradient, rows in ``layer_inputs``' order."""
+    if isinstance(module, nn.Linear):
+        return grad.reshape(-1, grad.shape[-1]).pow(2).sum(1)
+    return grad.flatten(2).transpose(1, 2).reshape(-1, grad.shape[1]).pow(2).sum(1)
+
+
 def input_bases(unet, scheduler, latents: torch.Tensor, conds: list[dict], batches: int, min_t: int,
-                energy: float, concat, progress: bool = False) -> dict[str, torch.Tensor]:
+                energy: float, concat, progress: bool = False, weighting: str = "inputs"
+                ) -> dict[str, torch.Tensor]:
     """{layer name: (in, k) basis of the class prompt's inputs to it} for the UNet's linear and
-    convolutional layers. ``conds``: encoded [class prompt, empty prompt] for one image each."""
+    convolutional layers. ``conds``: encoded [class prompt, empty prompt] for one image each.
+    ``weighting`` "outputs": each input row counts by how much the UNet's output depends on that
+    row's output (squared norm of a random projection's gradient there), not equally."""
     from tqdm.auto import tqdm
 
     moments, hooks = {}, []
@@ -99,18 +120,29 @@ def input_bases(unet, scheduler, latents: torch.Tensor, conds: list[dict], batch
         def accumulate(module, args):
             rows = layer_inputs(module, args[0])
             if rows is not None:
-                m = rows.double().T @ rows.double()
-                moments[name] = moments[name] + m if name in moments else m
+                add_moment(moments, name, rows)
         return accumulate
+
+    def weighted(name):
+        def keep(module, args, out):
+            rows = layer_inputs(module, args[0].detach())
+            if rows is not None and out.requires_grad:
+                out.register_hook(lambda g: add_moment(moments, name, rows, output_rows(module, g)))
+        return keep
 
     for name, module in unet.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            hooks.append(module.register_forward_pre_hook(hook(name)))
+            hooks.append(module.register_forward_hook(weighted(name)) if weighting == "outputs"
+                         else module.register_forward_pre_hook(hook(name)))
     gen = torch.Generator().manual_seed(PROBE_SEED)
     device = next(unet.parameters()).device
     num_t = scheduler.config.num_train_timesteps
+    grads = weighting == "outputs"
+    trainable = [(p, p.requires_grad) for p in unet.parameters()]
+    for p, _ in trainable:
+        p.requires_grad_(grads or p.requires_grad)
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(grads):
             for k in tqdm(range(batches), desc="class-prompt layer inputs", unit="batch", disable=not progress):
                 idx = torch.randint(0, len(latents), (PROBE_BATCH,), generator=gen)
                 x0 = latents[idx].to(device).contiguous()
@@ -119,8 +151,15 @@ def input_bases(unet, scheduler, latents: torch.Tensor, conds: list[dict], batch
                 batch = cond = conds[k % 2]
                 for _ in range(PROBE_BATCH - 1):
                     batch = concat(batch, cond)
-                unet(scheduler.add_noise(x0, eps, ts), ts, **batch)
+                noisy = scheduler.add_noise(x0, eps, ts).requires_grad_(grads)
+                out = unet(noisy, ts, **batch).sample
+                if grads:  # Hutchinson: E[g g^T] over random v is J J^T
+                    probe = torch.randn(out.shape, generator=gen).to(device)
+                    (out * probe).sum().backward()  # reaches every layer's output, as weights need grads
     finally:
+        for p, wanted in trainable:
+            p.requires_grad_(wanted)
+            p.grad = None
         for h in hooks:
             h.remove()
     return {name: keep_basis(m, energy).to(device) for name, m in moments.items()}

@@ -175,7 +175,7 @@ def class_hold(model: BaseModel, cfg: Config, class_latents, class_prompt: str, 
     print(f"prior.null_space: reading the class prompt's layer inputs ({NULL_SPACE_BATCHES} batches)")
     bases = nullspace.input_bases(model.unet, model.scheduler, class_latents, conds, NULL_SPACE_BATCHES,
                                   cfg.prior.orthogonal_min_t, cfg.prior.null_space, concat_cond,
-                                  progress=progress)
+                                  progress=progress, weighting=cfg.prior.null_space_weighting)
     layers, fixed = nullspace.held_layers(model.unet, bases)
     kept = sum(b.shape[1] for _, b in layers) / max(1, sum(b.shape[0] for _, b in layers))
     print(f"prior.null_space: {len(layers)} layers, {kept:.0%} of their input dimensions held; "

@@ -108,3 +108,46 @@ def test_moments_larger_than_free_memory_are_refused_before_any_work(photos, tmp
         train(make_cfg(photos, "prior.null_space=0.99"), tmp_path / "run", progress=False)
     cache = tmp_path / "cache"
     assert not cache.exists() or not any(cache.rglob("*.png"))
+
+
+def test_add_moment_weighs_each_row():
+    rows, w = randn(5, 3), torch.tensor([0.0, 1.0, 2.0, 0.5, 3.0])
+    moments = {}
+    nullspace.add_moment(moments, "a", rows, w)
+    nullspace.add_moment(moments, "a", rows)
+    expected = sum(wi * torch.outer(r, r) for wi, r in zip(w, rows)) + rows.T @ rows
+    assert torch.allclose(moments["a"].float(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(5, 3), nn.Conv2d(2, 4, 3, stride=2, padding=1)], ids=["linear", "conv"])
+def test_output_rows_follow_the_layer_inputs_order(layer):
+    """Row i of ``layer_inputs`` makes output row i, and ``output_rows`` gives that row's gradient."""
+    x = randn(2, 4, 5) if isinstance(layer, nn.Linear) else randn(2, 2, 6, 6)
+    out = layer(x)
+    g = randn(*out.shape, seed=3)
+    out_rows = g.reshape(-1, 3) if isinstance(layer, nn.Linear) else g.permute(0, 2, 3, 1).reshape(-1, 4)
+    weights = nullspace.output_rows(layer, g)
+    assert len(weights) == len(nullspace.layer_inputs(layer, x))
+    assert torch.allclose(weights, out_rows.pow(2).sum(1))
+
+
+def test_output_weighting_reads_every_layer_and_leaves_the_unet_as_it_was(photos, tmp_path, capsys):
+    """The weighted reading back-propagates into the weights: every layer gets a basis (the
+    cross-attention's keys and values and the time embedding too), and no gradient or
+    requires_grad flag is left behind; the class prompt stays held."""
+    from dreambooth.models import build_tiny, concat_cond, encode_prompts
+
+    base = build_tiny()
+    base.unet.requires_grad_(False)
+    latents = randn(8, 4, 8, 8)
+    with torch.no_grad():  # as train.class_hold encodes them
+        conds = [encode_prompts(base, [p]) for p in ("a photo of a toy", "")]
+    both = {w: nullspace.input_bases(base.unet, base.scheduler, latents, conds, 4, 400, 0.95, concat_cond,
+                                     weighting=w) for w in ("inputs", "outputs")}
+    assert both["inputs"].keys() == both["outputs"].keys()
+    assert any(b.shape != both["inputs"][n].shape or not torch.allclose(b.abs(), both["inputs"][n].abs())
+               for n, b in both["outputs"].items())
+    assert all(not p.requires_grad and p.grad is None for p in base.unet.parameters())
+    train(make_cfg(photos, "prior.null_space=0.95", "prior.null_space_weighting=outputs"), tmp_path / "run",
+          progress=False)
+    assert "of their input dimensions held" in capsys.readouterr().out
