@@ -159,7 +159,8 @@ def input_bases(unet, scheduler, latents: torch.Tensor, conds: list[dict], batch
     finally:
         for p, wanted in trainable:
             p.requires_grad_(wanted)
-            p.grad = None
+            if grads:
+                p.grad = None
         for h in hooks:
             h.remove()
     return {name: keep_basis(m, energy).to(device) for name, m in moments.items()}
