@@ -115,32 +115,28 @@ def input_bases(unet, scheduler, latents: torch.Tensor, conds: list[dict], batch
     from tqdm.auto import tqdm
 
     moments, hooks = {}, []
+    grads = weighting == "outputs"
 
     def hook(name):
-        def accumulate(module, args):
-            rows = layer_inputs(module, args[0])
-            if rows is not None:
+        def accumulate(module, args, out):
+            rows = layer_inputs(module, args[0].detach())
+            if rows is None:
+                return
+            if grads:  # counted once the backward pass reaches this layer's output
+                out.register_hook(lambda g: add_moment(moments, name, rows, output_rows(module, g)))
+            else:
                 add_moment(moments, name, rows)
         return accumulate
 
-    def weighted(name):
-        def keep(module, args, out):
-            rows = layer_inputs(module, args[0].detach())
-            if rows is not None and out.requires_grad:
-                out.register_hook(lambda g: add_moment(moments, name, rows, output_rows(module, g)))
-        return keep
-
     for name, module in unet.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            hooks.append(module.register_forward_hook(weighted(name)) if weighting == "outputs"
-                         else module.register_forward_pre_hook(hook(name)))
+            hooks.append(module.register_forward_hook(hook(name)))
     gen = torch.Generator().manual_seed(PROBE_SEED)
     device = next(unet.parameters()).device
     num_t = scheduler.config.num_train_timesteps
-    grads = weighting == "outputs"
-    trainable = [(p, p.requires_grad) for p in unet.parameters()]
-    for p, _ in trainable:
-        p.requires_grad_(grads or p.requires_grad)
+    flags = [(p, p.requires_grad) for p in unet.parameters()] if grads else []
+    for p, _ in flags:  # weights that need grads: the backward pass reaches every layer's output
+        p.requires_grad_(True)
     try:
         with torch.set_grad_enabled(grads):
             for k in tqdm(range(batches), desc="class-prompt layer inputs", unit="batch", disable=not progress):
@@ -151,16 +147,14 @@ def input_bases(unet, scheduler, latents: torch.Tensor, conds: list[dict], batch
                 batch = cond = conds[k % 2]
                 for _ in range(PROBE_BATCH - 1):
                     batch = concat(batch, cond)
-                noisy = scheduler.add_noise(x0, eps, ts).requires_grad_(grads)
-                out = unet(noisy, ts, **batch).sample
+                out = unet(scheduler.add_noise(x0, eps, ts), ts, **batch).sample
                 if grads:  # Hutchinson: E[g g^T] over random v is J J^T
                     probe = torch.randn(out.shape, generator=gen).to(device)
-                    (out * probe).sum().backward()  # reaches every layer's output, as weights need grads
+                    (out * probe).sum().backward()
     finally:
-        for p, wanted in trainable:
+        for p, wanted in flags:
             p.requires_grad_(wanted)
-            if grads:
-                p.grad = None
+            p.grad = None
         for h in hooks:
             h.remove()
     return {name: keep_basis(m, energy).to(device) for name, m in moments.items()}

@@ -133,8 +133,8 @@ def test_output_rows_follow_the_layer_inputs_order(layer):
 
 def test_output_weighting_reads_every_layer_and_leaves_the_unet_as_it_was(photos, tmp_path, capsys):
     """The weighted reading back-propagates into the weights: every layer gets a basis (the
-    cross-attention's keys and values and the time embedding too), and no gradient or
-    requires_grad flag is left behind; the class prompt stays held."""
+    cross-attention's keys and values and the time embedding too), other bases than the
+    energy's, and no gradient or requires_grad flag left behind; a run with it trains."""
     from dreambooth.models import build_tiny, concat_cond, encode_prompts
 
     base = build_tiny()
