@@ -169,3 +169,16 @@ def test_a_folder_of_other_weight_shapes_is_refused_before_anything_loads(toy_ru
     for stage in ("unet", "marks", "model"):
         shutil.rmtree(out / stage)
     pt.check_resumable(out, wider)  # only the vae and decoder stages: resumable with any UNet
+
+
+def test_a_resumed_stage_counts_its_time_from_its_last_logged_row(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    assert pt.seconds_logged(metrics, "marks", 750) == 0.0  # no log yet
+    rows = [{"stage": "unet", "step": 750, "seconds": 900.0},
+            {"stage": "marks", "step": 700, "seconds": 597.5},
+            {"stage": "marks", "step": 750, "seconds": 634.7},
+            {"stage": "marks", "step": 800, "seconds": 680.0}]  # logged after the checkpoint, before the kill
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert pt.seconds_logged(metrics, "marks", 750) == 634.7
+    assert pt.seconds_logged(metrics, "marks", 720) == 597.5
+    assert pt.seconds_logged(metrics, "decoder", 750) == 0.0

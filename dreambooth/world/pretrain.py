@@ -296,6 +296,16 @@ def sum_over_workers(params, loss: torch.Tensor) -> float:
     return flat[-1].item()
 
 
+def seconds_logged(metrics: Path, stage: str, step: int) -> float:
+    """The "seconds" of ``stage``'s last row in ``metrics`` at or before ``step`` (0 if none): where
+    a resumed stage's clock goes on from (the time between that row and the kill is not counted)."""
+    if not metrics.exists():
+        return 0.0
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    done = [r["seconds"] for r in rows if r.get("stage") == stage and r.get("step", 0) <= step]
+    return float(done[-1]) if done else 0.0
+
+
 def _stage(name: str, out: Path, cfg: PretrainConfig, named: dict, steps: int, lr: float,
            loss_fn, log) -> None:
     """One resumable training stage: AdamW, warm-up + cosine, loss_fn(step) -> scalar loss."""
@@ -308,7 +318,8 @@ def _stage(name: str, out: Path, cfg: PretrainConfig, named: dict, steps: int, l
     step = _resume(folder, named, optimizer, sched)
     first = worker()[0] == 0  # the worker that reports and saves
     bar = tqdm(total=steps, initial=step, desc=name, unit="step", dynamic_ncols=True, disable=not first)
-    started, loss = time.perf_counter(), float("nan")
+    # "seconds" is the stage's time over all its runs: a resumed stage goes on from its last row
+    started, loss = time.perf_counter() - seconds_logged(out / "metrics.jsonl", name, step), float("nan")
     while step < steps:
         loss_t = loss_fn(step)
         optimizer.zero_grad(set_to_none=True)
