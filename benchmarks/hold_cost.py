@@ -35,6 +35,7 @@ def one(job: tuple) -> dict:
     torch.set_num_threads(threads)
     from dreambooth import nullspace, orthogonal
     from dreambooth.config import build_config
+    from dreambooth.runlog import read_metrics
     from dreambooth.train import train
     from dreambooth.world.render import held_out_subjects
 
@@ -61,7 +62,7 @@ def one(job: tuple) -> dict:
     run = Path(root) / f"run-{threads}-{hold.replace('=', '-')}"
     with contextlib.redirect_stdout(open(os.devnull, "w")):
         train(cfg, run, progress=False)
-    cumulative = [json.loads(line)["seconds"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    cumulative = [r["seconds"] for r in read_metrics(run / "metrics.jsonl")]
     per_step = [b - a for a, b in zip([0.0] + cumulative, cumulative)][WARMUP:]
     return {"threads": threads, "hold": hold, "step_s": statistics.median(per_step),
             "probe_s": probe_seconds[0] if probe_seconds else 0.0,

@@ -11,7 +11,6 @@ on an otherwise idle machine: the workers share its cores with everything else.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -21,7 +20,9 @@ STEPS = {"vae": 100, "decoder": 100, "unet": 100, "marks": 100}
 
 
 def seconds_per_step(metrics: Path) -> dict[str, float]:
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    from dreambooth.runlog import read_metrics
+
+    rows = read_metrics(metrics)
     out = {}
     for stage, steps in STEPS.items():
         mine = {r["step"]: r["seconds"] for r in rows if r["stage"] == stage}

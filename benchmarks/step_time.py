@@ -27,7 +27,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
-import json  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -55,11 +54,12 @@ def make_cfg(photos: Path, steps: int, sets: list[str]) -> Config:
 
 def ours(cfg: Config, run_dir: Path) -> list[float]:
     """Per-step seconds of the project's `train()`, from metrics.jsonl's cumulative `seconds`."""
+    from dreambooth.runlog import read_metrics
     from dreambooth.train import train
 
     with contextlib.redirect_stdout(open(os.devnull, "w")):  # token warnings
         train(cfg, run_dir, progress=False)
-    cumulative = [json.loads(line)["seconds"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    cumulative = [r["seconds"] for r in read_metrics(run_dir / "metrics.jsonl")]
     return [b - a for a, b in zip([0.0] + cumulative, cumulative)]
 
 

@@ -29,6 +29,7 @@ def main(argv=None) -> int:
 
     from dreambooth.config import build_config
     from dreambooth.report import loss_figure, metric_figure
+    from dreambooth.runlog import read_metrics
     from dreambooth.train import train
     from dreambooth.validation import eval_history
     from dreambooth.world.render import held_out_subjects
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
     result = train(cfg, work / "run", progress=True)
     history = eval_history(work / "run" / "metrics.jsonl")
     best = json.loads((work / "run" / "best.json").read_text())
-    rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(work / "run" / "metrics.jsonl")
     (out / "loss.png").write_bytes(loss_figure(rows))
     (out / "metrics.png").write_bytes(metric_figure(history, best["step"]))
     for e in (history[0], next(h for h in history if h["step"] == best["step"]), history[-1]):

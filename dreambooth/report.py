@@ -16,14 +16,10 @@ from pathlib import Path
 
 import yaml
 
+from dreambooth.runlog import read_metrics
+
 CURVE_METRICS = ("fidelity", "prompt_fidelity", "dino", "clip_i", "clip_t", "pres", "div",
                  "world_match", "world_subject", "world_prompt", "world_prior")
-
-
-def _rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _png(fig) -> bytes:
@@ -97,7 +93,7 @@ def write_report(run_dir: str | Path) -> Path:
     """Write RUN_DIR/report.html from what the run directory holds; return its path."""
     run_dir = Path(run_dir)
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
-    rows = _rows(run_dir / "metrics.jsonl")
+    rows = read_metrics(run_dir / "metrics.jsonl")
     evals = sorted((r for r in rows if r.get("kind") == "eval"), key=lambda r: r["step"])
     best = json.loads((run_dir / "best.json").read_text()) if (run_dir / "best.json").is_file() else None
     chosen = best["step"] if best else None

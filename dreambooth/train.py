@@ -30,6 +30,7 @@ from dreambooth.errors import DreamboothError
 from dreambooth.loss import draw_timestep, dreambooth_loss, min_snr_weights, offset_noise, snr, training_target
 from dreambooth.models import (BaseModel, concat_cond, encode_latents, encode_prompts,
                                load_configured)
+from dreambooth.runlog import log_metrics, trim_metrics
 from dreambooth.selection import select_best, should_stop
 
 
@@ -570,19 +571,6 @@ def evaluate_now(evaluator, model: BaseModel, step: int, run_dir: Path, acc) -> 
 
 
 # ------------------------------------------------------------------ run-directory I/O
-
-
-def log_metrics(path: Path, record: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def trim_metrics(path: Path, step: int) -> None:
-    """Drop lines logged after ``step`` (by a run that was killed after its last checkpoint)."""
-    if path.is_file():
-        keep = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(line + "\n" for line in keep))
 
 
 def save_final(model: BaseModel, modules: dict[str, torch.nn.Module], cfg: Config, folder: Path,

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from dreambooth.config import Config
 from dreambooth.errors import ConfigError
+from dreambooth.runlog import read_metrics
 
 BASE_READINGS = "world-base-class-readings.json"  # step 0's class readings, for world_prior
 
@@ -181,7 +182,4 @@ class Evaluator:
 
 def eval_history(metrics_path: Path) -> list[dict]:
     """The evaluation records of a run's metrics.jsonl, in step order."""
-    if not metrics_path.is_file():
-        return []
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    return sorted((r for r in rows if r.get("kind") == "eval"), key=lambda r: r["step"])
+    return sorted((r for r in read_metrics(metrics_path) if r.get("kind") == "eval"), key=lambda r: r["step"])

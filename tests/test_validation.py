@@ -7,7 +7,6 @@ import subprocess
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from dreambooth import checkpoint as ckpt

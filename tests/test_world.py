@@ -232,8 +232,6 @@ def test_base_accuracy_counts_named_marks(draw_marks, monkeypatch):
 
 
 def test_object_mask_is_where_the_background_is_covered(tmp_path):
-    from PIL import Image
-
     from dreambooth.data import read_photos
 
     for scene in W.sample_scenes(40, seed=5):

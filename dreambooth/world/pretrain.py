@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from dreambooth import checkpoint as ckpt
 from dreambooth.data import arrays_to_tensor
 from dreambooth.models import BaseModel
+from dreambooth.runlog import log_metrics, read_metrics
 
 RESOLUTION = 64
 
@@ -299,10 +300,7 @@ def sum_over_workers(params, loss: torch.Tensor) -> float:
 def seconds_logged(metrics: Path, stage: str, step: int) -> float:
     """The "seconds" of ``stage``'s last row in ``metrics`` at or before ``step`` (0 if none): where
     a resumed stage's clock goes on from (the time between that row and the kill is not counted)."""
-    if not metrics.exists():
-        return 0.0
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    done = [r["seconds"] for r in rows if r.get("stage") == stage and r.get("step", 0) <= step]
+    done = [r["seconds"] for r in read_metrics(metrics) if r.get("stage") == stage and r.get("step", 0) <= step]
     return float(done[-1]) if done else 0.0
 
 
@@ -427,8 +425,7 @@ def _pretrain(out: Path, cfg: PretrainConfig) -> Path:
     metrics = out / "metrics.jsonl"
 
     def log(record):
-        with metrics.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        log_metrics(metrics, record)
 
     # Stage 1: the VAE.
     vae = model.vae
@@ -487,8 +484,7 @@ def _pretrain(out: Path, cfg: PretrainConfig) -> Path:
     for m in (model.unet, model.vae, model.text_encoder):
         m.float()
     losses, seconds = {}, {}
-    for line in metrics.read_text().splitlines():
-        r = json.loads(line)
+    for r in read_metrics(metrics):
         losses[r["stage"]], seconds[r["stage"]] = r["loss"], r["seconds"]
     (out / "made.json").write_text(json.dumps({
         "config": asdict(cfg), "workers": workers, "vae_psnr_db": round(vae_psnr, 2),
