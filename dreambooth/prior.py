@@ -104,10 +104,10 @@ def class_images(model: BaseModel, cfg: Config, class_prompt: str, cache_root: P
         images = generate(model, [class_prompt] * len(ids), [image_seed(p.seed, i) for i in ids],
                           steps=p.steps, guidance=p.guidance, negative_prompt=p.negative_prompt,
                           resolution=cfg.data.resolution, scheduler=p.solver, batch_size=b)
-        for i, image in zip(ids, images):
-            if i in missing:
-                _write_atomic(folder, paths[i].name, lambda f, im=image: im.save(f, format="PNG"))
-                bar.update(1)
+        new = [(i, image) for i, image in zip(ids, images) if i in missing]
+        for i, image in new:
+            _write_atomic(folder, paths[i].name, lambda f, im=image: im.save(f, format="PNG"))
+        bar.update(len(new))  # once a batch: the first ETA is the batch's rate, not 1/batch of it
     bar.close()
     return ClassImages(paths=paths, generated=len(missing), folder=folder)
 

@@ -80,6 +80,28 @@ def test_interrupted_generation_resumes_bit_identical(model, tmp_path, monkeypat
     assert digests(resumed.paths) == digests(whole.paths)
 
 
+def test_progress_advances_a_batch_at_a_time(model, tmp_path, monkeypatch):
+    """The bar moves by a batch's size when the batch is written: moved one image at a time, its
+    first step came a whole batch late and its first ETA read batch-size times too long."""
+    import tqdm.auto
+
+    steps = []
+
+    class Bar:
+        def __init__(self, total, **kw):
+            self.total = total
+
+        def update(self, n):
+            steps.append(n)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    class_images(model, make_cfg("prior.num_images=5"), PROMPT, tmp_path)  # batch size 2
+    assert steps == [2, 2, 1]
+
+
 def test_more_images_adds_only_missing_and_fewer_uses_first(model, tmp_path):
     three = class_images(model, make_cfg("prior.num_images=3"), PROMPT, tmp_path, progress=False)
     assert three.generated == 3
