@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from dreambooth.runlog import read_metrics
+from dreambooth.runlog import evaluations, read_metrics
 
 CURVE_METRICS = ("fidelity", "prompt_fidelity", "dino", "clip_i", "clip_t", "pres", "div",
                  "world_match", "world_subject", "world_prompt", "world_prior")
@@ -94,7 +94,7 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
     rows = read_metrics(run_dir / "metrics.jsonl")
-    evals = sorted((r for r in rows if r.get("kind") == "eval"), key=lambda r: r["step"])
+    evals = evaluations(rows)
     best = json.loads((run_dir / "best.json").read_text()) if (run_dir / "best.json").is_file() else None
     chosen = best["step"] if best else None
     data, train = cfg.get("data", {}), cfg.get("train", {})

@@ -18,6 +18,11 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def evaluations(rows: list[dict]) -> list[dict]:
+    """The evaluation rows (``"kind": "eval"``) of a log's rows, in step order."""
+    return sorted((r for r in rows if r.get("kind") == "eval"), key=lambda r: r["step"])
+
+
 def log_metrics(path: Path, record: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")

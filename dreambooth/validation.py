@@ -26,7 +26,7 @@ from pathlib import Path
 
 from dreambooth.config import Config
 from dreambooth.errors import ConfigError
-from dreambooth.runlog import read_metrics
+from dreambooth.runlog import evaluations, read_metrics
 
 BASE_READINGS = "world-base-class-readings.json"  # step 0's class readings, for world_prior
 
@@ -182,4 +182,4 @@ class Evaluator:
 
 def eval_history(metrics_path: Path) -> list[dict]:
     """The evaluation records of a run's metrics.jsonl, in step order."""
-    return sorted((r for r in read_metrics(metrics_path) if r.get("kind") == "eval"), key=lambda r: r["step"])
+    return evaluations(read_metrics(metrics_path))

@@ -382,7 +382,7 @@ def test_timestep_bias_out_of_range_is_refused_before_any_work(photos, tmp_path)
 
 
 def test_metrics_log_reads_appends_and_trims_after_a_kill(tmp_path):
-    from dreambooth.runlog import log_metrics, read_metrics, trim_metrics
+    from dreambooth.runlog import evaluations, log_metrics, read_metrics, trim_metrics
 
     path = tmp_path / "metrics.jsonl"
     assert read_metrics(path) == []  # no log yet
@@ -391,6 +391,7 @@ def test_metrics_log_reads_appends_and_trims_after_a_kill(tmp_path):
     log_metrics(path, {"kind": "eval", "step": 20, "fidelity": 0.5})
     path.write_text(path.read_text() + "\n")  # a blank line (an editor's, or a torn write's) is no row
     assert [r["step"] for r in read_metrics(path)] == [10, 20, 30, 20]
+    assert evaluations(read_metrics(path)) == [{"kind": "eval", "step": 20, "fidelity": 0.5}]
     trim_metrics(path, 20)  # the run was killed after its step-20 checkpoint
     assert read_metrics(path) == [{"step": 10, "loss": 0.1}, {"step": 20, "loss": 0.2},
                                   {"kind": "eval", "step": 20, "fidelity": 0.5}]
