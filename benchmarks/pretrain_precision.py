@@ -43,13 +43,15 @@ def main(argv=None) -> int:
     ids = torch.randint(0, 49406, (n, cfg.max_tokens), generator=g)
     noisy = model.scheduler.add_noise(x, noise, t)
 
+    def autocast(precision: str):
+        return (torch.autocast("cpu", dtype=torch.bfloat16) if precision.startswith("bf16")
+                else contextlib.nullcontext())
+
     def step(precision: str) -> float:
-        ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if precision.startswith("bf16")
-               else contextlib.nullcontext())
         fmt = torch.channels_last if precision.endswith("channels-last") else torch.contiguous_format
         unet.to(memory_format=fmt)
         start = time.perf_counter()
-        with ctx:
+        with autocast(precision):
             pred = unet(noisy.contiguous(memory_format=fmt), t, encoder_hidden_states=te(ids)[0]).sample
         loss = (pred.float() - noise).pow(2).mean()
         opt.zero_grad(set_to_none=True)
@@ -58,10 +60,8 @@ def main(argv=None) -> int:
         return time.perf_counter() - start
 
     def loss_of(precision: str) -> float:
-        ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16"
-               else contextlib.nullcontext())
         unet.to(memory_format=torch.contiguous_format)
-        with torch.no_grad(), ctx:
+        with torch.no_grad(), autocast(precision):
             pred = unet(noisy, t, encoder_hidden_states=te(ids)[0]).sample
         return (pred.float() - noise).pow(2).mean().item()
 
