@@ -51,6 +51,10 @@ def main(argv=None) -> int:
                     help="captions that also name a mark (or none), to count how often the base "
                          "model draws the named mark (0: skip)")
     ap.add_argument("--model", default="world")
+    ap.add_argument("--guidance", type=float, default=5.0,
+                    help="classifier-free guidance of every sample: the base-model check, the class "
+                         "samples before and after tuning, the subject prompts (the preset's sample."
+                         "guidance is 5)")
     ap.add_argument("--set", action="append", default=[], dest="sets",
                     help="extra training settings for both runs, key=value (repeatable)")
     ap.add_argument("--runs", default="prior,no-prior", help="which of the two runs to train")
@@ -77,11 +81,12 @@ def main(argv=None) -> int:
     probe, base = load_probe(), load_base_model(args.model)
     started = time.perf_counter()
     results = {"command": "python " + " ".join(sys.argv), "base_accuracy":
-               base_accuracy(base, n=args.base_samples, probe=probe) if args.base_samples else None,
-               "subjects": {}}
+               base_accuracy(base, n=args.base_samples, probe=probe, guidance=args.guidance) if args.base_samples else None,
+               "guidance": args.guidance, "subjects": {}}
     print("base model:", json.dumps(results["base_accuracy"]))
     if args.named_marks:
-        results["named_marks"] = base_accuracy(base, n=args.named_marks, probe=probe, marks=True)
+        results["named_marks"] = base_accuracy(base, n=args.named_marks, probe=probe, marks=True,
+                                                guidance=args.guidance)
         print("named marks:", json.dumps(results["named_marks"]))
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="world-quality-"))
     for index in [int(i) for i in args.subjects.split(",") if i.strip()]:
@@ -95,12 +100,17 @@ def main(argv=None) -> int:
             kept = json.loads(reuse.read_text())
             if len(kept["before"]) < n or len(kept["other_seeds"]) < n_floor:
                 raise SystemExit(f"{reuse} holds fewer base readings than --class-samples/--floor-samples")
+            if kept.get("guidance", 5.0) != args.guidance:  # files written before --guidance: 5
+                raise SystemExit(f"{reuse} was sampled at guidance {kept.get('guidance', 5.0)}, "
+                                 f"not --guidance {args.guidance}; sample the base model again")
             before, other_seeds = kept["before"][:n], kept["other_seeds"][:n_floor]
-            before_images = class_samples(base, subject.shape, 6, probe)[1]  # for the sheet
+            before_images = class_samples(base, subject.shape, 6, probe, guidance=args.guidance)[1]  # for the sheet
             print(f"base readings from {reuse}")
         else:
-            before, before_images = class_samples(base, subject.shape, n, probe)
-            other_seeds, _ = class_samples(base, subject.shape, n_floor, probe, seed=99_000)
+            before, before_images = class_samples(base, subject.shape, n, probe,
+                                                  guidance=args.guidance)
+            other_seeds, _ = class_samples(base, subject.shape, n_floor, probe, seed=99_000,
+                                           guidance=args.guidance)
         row = {"noise_floor_unpaired": round(tv_report(other_seeds, before[:n_floor])["mean"], 4),
                "vae_ceiling": vae_ceiling(base, subject, probe=probe)}
         if len(prefixes) > 1 or n_floor != n:
@@ -123,7 +133,7 @@ def main(argv=None) -> int:
                 train(cfg, run_dir, progress=False)
                 tuned, cfg = load_run_model(run_dir)
                 s = score_world(tuned, subject, cfg.data.token, base_readings=before, n_class=n,
-                                probe=probe)
+                                guidance=args.guidance, probe=probe)
                 row[name] = s.summary()
                 saved[name] = s.class_readings
                 if len(prefixes) > 1:
@@ -145,8 +155,8 @@ def main(argv=None) -> int:
         results["subjects"][subject.name] = row
         if args.save_readings:
             (out / f"readings-{subject.name}.json").write_text(json.dumps(
-                {k: [{f: r[f] for f in HEADS} for r in v]
-                 for k, v in saved.items()}))
+                {"guidance": args.guidance, **{k: [{f: r[f] for f in HEADS} for r in v]
+                                               for k, v in saved.items()}}))
         contact_sheet([im for _, im in sheets], [t for t, _ in sheets], cell=96).save(
             out / f"{subject.name}.png")
     results["seconds"] = round(time.perf_counter() - started)
