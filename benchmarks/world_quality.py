@@ -62,6 +62,8 @@ def main(argv=None) -> int:
     ap.add_argument("--masks", action="store_true",
                     help="give each photo its object mask (photo-N.mask.png): the instance loss "
                          "then counts only the object's latent cells")
+    ap.add_argument("--photos", type=int, default=5,
+                    help="photos rendered per subject (Subject.photos; the world renders 3-7, the demo 5)")
     ap.add_argument("--keep", default="", help="keep the runs (photos, run dirs) in this folder")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -92,7 +94,7 @@ def main(argv=None) -> int:
     for index in [int(i) for i in args.subjects.split(",") if i.strip()]:
         subject = held_out_subjects()[index]
         photos = work / subject.name / "photos"
-        subject.save_photos(photos, 5, seed=0, captions=True, masks=args.masks)
+        subject.save_photos(photos, args.photos, seed=0, captions=True, masks=args.masks)
         n, n_floor = args.class_samples, args.floor_samples or args.class_samples
         prefixes = sorted({int(k) for k in args.distance_at.split(",") if k.strip()} | {n})
         reuse = Path(args.base_readings) / f"readings-{subject.name}.json" if args.base_readings else None
