@@ -64,6 +64,10 @@ def main(argv=None) -> int:
                          "then counts only the object's latent cells")
     ap.add_argument("--photos", type=int, default=5,
                     help="photos rendered per subject (Subject.photos; the world renders 3-7, the demo 5)")
+    ap.add_argument("--negatives", default="",
+                    help="also score each run's subject prompts under these negative prompts, comma-"
+                         "separated kinds of score.subject_negative: 'class' (\"a photo of a SHAPE\"), "
+                         "'context' (the prompt without its identifier); the class prompts keep none")
     ap.add_argument("--keep", default="", help="keep the runs (photos, run dirs) in this folder")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -76,7 +80,8 @@ def main(argv=None) -> int:
     from dreambooth.train import train
     from dreambooth.world.probe import HEADS, expected_floor, load_probe, tv_report
     from dreambooth.world.render import held_out_subjects
-    from dreambooth.world.score import base_accuracy, class_samples, score_world, vae_ceiling
+    from dreambooth.world.score import (base_accuracy, class_samples, score_world, subject_scores,
+                                        vae_ceiling)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -102,8 +107,9 @@ def main(argv=None) -> int:
             kept = json.loads(reuse.read_text())
             if len(kept["before"]) < n or len(kept["other_seeds"]) < n_floor:
                 raise SystemExit(f"{reuse} holds fewer base readings than --class-samples/--floor-samples")
-            if kept.get("guidance", 5.0) != args.guidance:  # files written before --guidance: 5
-                raise SystemExit(f"{reuse} was sampled at guidance {kept.get('guidance', 5.0)}, "
+            sampled_at = kept.get("guidance", 5.0)  # files written before --guidance were sampled at 5
+            if sampled_at != args.guidance:
+                raise SystemExit(f"{reuse} was sampled at guidance {sampled_at}, "
                                  f"not --guidance {args.guidance}; sample the base model again")
             before, other_seeds = kept["before"][:n], kept["other_seeds"][:n_floor]
             before_images = class_samples(base, subject.shape, 6, probe, guidance=args.guidance)[1]  # for the sheet
@@ -142,17 +148,27 @@ def main(argv=None) -> int:
                     row[name]["prior_distance_at"] = {
                         k: {f: round(v, 4) for f, v in tv_report(s.class_readings[:k], before[:k]).items()}
                         for k in prefixes}
-                runs.append(row[name])
-                print(subject.name, name, json.dumps(row[name]))
                 if i == 0:
                     sheets += [(f"{label}: {p}", im) for p, seed, im in s.images if seed < 2]
                     sheets += [(f"{label}: a photo of a {subject.shape}", im) for im in s.class_images[:6]]
+                for kind in [k.strip() for k in args.negatives.split(",") if k.strip()]:
+                    ns = subject_scores(tuned, subject, cfg.data.token, negative=kind,
+                                        guidance=args.guidance, probe=probe)
+                    row[name].setdefault("negatives", {})[kind] = ns.summary()
+                    if i == 0:
+                        sheets += [(f"{label}, negative {kind}: {p}", im) for p, seed, im in ns.images if seed < 2]
+                runs.append(row[name])
+                print(subject.name, name, json.dumps(row[name]))
             if len(runs) > 1:
                 row[f"{label}-mean"] = {
                     "seeds": seeds,
                     "subject_fidelity": round(sum(r["subject_fidelity"] for r in runs) / len(runs), 4),
                     "prompt_fidelity": round(sum(r["prompt_fidelity"] for r in runs) / len(runs), 4),
                     "prior_distance": round(sum(r["prior_distance"]["mean"] for r in runs) / len(runs), 4)}
+                for kind in runs[0].get("negatives", {}):
+                    row[f"{label}-mean"].setdefault("negatives", {})[kind] = {
+                        m: round(sum(r["negatives"][kind][m] for r in runs) / len(runs), 4)
+                        for m in ("subject_fidelity", "prompt_fidelity")}
                 print(subject.name, f"{label}-mean", json.dumps(row[f"{label}-mean"]))
         results["subjects"][subject.name] = row
         if args.save_readings:

@@ -45,11 +45,12 @@ def make_scheduler(name: str, train_scheduler_config: Any):
 
 
 def generate(model: BaseModel, prompts: list[str], seeds: list[int], *, steps: int = 25,
-             guidance: float = 7.5, negative_prompt: str = "", resolution: int | None = None,
+             guidance: float = 7.5, negative_prompt: str | list[str] = "", resolution: int | None = None,
              scheduler: str = "dpmpp", batch_size: int = 4, lora_scale: float = 1.0,
              progress: Callable[[int], None] | None = None) -> list:
     """One PIL image per (prompt, seed) pair, in order, ``batch_size`` at a time.
 
+    ``negative_prompt`` is one for every prompt, or a list with one per prompt.
     ``resolution`` defaults to the model's native size. ``progress`` is called with the number
     of images finished after each batch (e.g. a tqdm bar's ``update``). ``lora_scale`` scales
     the LoRA adapters, if the model has any (1.0: as trained; it does nothing without LoRA). The model's modules are
@@ -57,6 +58,10 @@ def generate(model: BaseModel, prompts: list[str], seeds: list[int], *, steps: i
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"generate needs one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
+    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+    if len(negatives) != len(prompts):
+        raise ValueError(f"generate needs one negative prompt, or one per prompt: {len(prompts)} prompts, "
+                         f"{len(negatives)} negative prompts")
     pipe = model.pipeline(scheduler=make_scheduler(scheduler, model.scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     modules = [m for m in model.components().values() if isinstance(m, torch.nn.Module)]
@@ -71,7 +76,7 @@ def generate(model: BaseModel, prompts: list[str], seeds: list[int], *, steps: i
             for start in range(0, len(prompts), batch_size):
                 batch_prompts = prompts[start:start + batch_size]
                 generators = [torch.Generator().manual_seed(s) for s in seeds[start:start + batch_size]]
-                out = pipe(prompt=batch_prompts, negative_prompt=[negative_prompt] * len(batch_prompts),
+                out = pipe(prompt=batch_prompts, negative_prompt=negatives[start:start + batch_size],
                            num_inference_steps=steps, guidance_scale=guidance, height=size,
                            width=size, generator=generators, output_type="pil", **extra)
                 images.extend(out.images)

@@ -67,6 +67,18 @@ def test_modes_restored_and_progress_reported(model):
         generate(model, PROMPTS, [0], steps=2)
 
 
+def test_one_negative_prompt_per_prompt(model):
+    """A list gives each prompt its own negative: the same as passing that negative alone."""
+    kw = dict(steps=3, batch_size=3)
+    mixed = pixels(generate(model, PROMPTS, [1, 2, 3], negative_prompt=["", "a red car", ""], **kw))
+    plain = pixels(generate(model, PROMPTS, [1, 2, 3], **kw))
+    car = pixels(generate(model, PROMPTS, [1, 2, 3], negative_prompt="a red car", **kw))
+    assert np.array_equal(mixed[0], plain[0]) and np.array_equal(mixed[2], plain[2])
+    assert np.array_equal(mixed[1], car[1]) and not np.array_equal(mixed[1], plain[1])
+    with pytest.raises(ValueError, match="one negative prompt, or one per prompt"):
+        generate(model, PROMPTS, [1, 2, 3], negative_prompt=["", ""], steps=2)
+
+
 @pytest.mark.parametrize("name", ["tiny-sd2", "tiny-sdxl"])
 def test_sd2_and_sdxl_generate(name):
     m = build_tiny(name)

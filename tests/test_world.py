@@ -231,6 +231,37 @@ def test_base_accuracy_counts_named_marks(draw_marks, monkeypatch):
     assert "mark" not in plain and not any(" with " in p for p in seen[-10:])
 
 
+def test_subject_negatives(monkeypatch):
+    """The subject prompts' negative: none, the class prompt, or the prompt without its identifier;
+    each prompt gets its own, and the scores read what was drawn."""
+    import dreambooth.sample
+    from dreambooth.world.score import subject_negative, subject_scores
+
+    assert subject_negative("", "box", "beach") == ""
+    assert subject_negative("class", "box", "beach") == "a photo of a box"
+    assert subject_negative("context", "box", "beach") == "a photo of a box " + W.BACKGROUND_PHRASES["beach"]
+    assert subject_negative("context", "box", None) == "a photo of a box"
+    with pytest.raises(ValueError, match="'class', 'context'"):
+        subject_negative("identifier", "box", None)
+
+    subject = W.held_out_subjects()[1]
+    seen = {}
+
+    def fake_generate(model, prompts, seeds, negative_prompt="", **kw):
+        seen.update(zip(prompts, negative_prompt))
+        # a model that draws the subject on the asked background
+        return [W.render(W.Scene(subject.shape, subject.color, subject.pattern, subject.mark,
+                                 next((b for b, p in W.BACKGROUND_PHRASES.items() if p in prompt), "plain"),
+                                 variant=s)) for prompt, s in zip(prompts, seeds)]
+
+    monkeypatch.setattr(dreambooth.sample, "generate", fake_generate)
+    s = subject_scores(None, subject, "zwx", negative="context")
+    assert len(seen) == 1 + len(W.BACKGROUNDS) and len(s.images) == 4 * len(seen)
+    for prompt, negative in seen.items():
+        assert negative == prompt.replace("zwx", "a")
+    assert s.subject_fidelity >= 0.95 and s.prompt_fidelity >= 0.95
+
+
 def test_object_mask_is_where_the_background_is_covered(tmp_path):
     from dreambooth.data import read_photos
 

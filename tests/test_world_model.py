@@ -38,9 +38,14 @@ def test_quick_demo_on_the_world_model(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("DREAMBOOTH_CACHE", str(tmp_path / "cache"))
     assert main(["demo", "--out", str(tmp_path / "demo"), "--model", "world", "--steps", "20",
-                 "--quick", "--no-progress"]) == 0
-    out = capsys.readouterr().out
+                 "--quick"]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
     assert "probe scores: subject fidelity" in out
+    # a progress bar throughout: the scoring too (7 prompts x 1 seed, 16 class samples before and after)
+    bars = captured.err.replace("\r", "\n")
+    assert "class images" in bars and "train" in bars
+    assert "sampling and scoring: 100%" in bars and "39/39" in bars
     assert "of their input dimensions held" in out
     scores = json.loads((tmp_path / "demo/run/world-scores.json").read_text())
     assert 0 <= scores["subject_fidelity"] <= 1

@@ -97,7 +97,7 @@ def demo(out: str = "dreambooth-demo", model: str = "auto", steps: int = 0, quic
     tuned, cfg = load_run_model(run_dir)  # from the run directory, as any later stage would
     if subject is not None:
         report = _world_samples(tuned, cfg, run_dir, subject, samples, sheet,
-                                n_class=16 if quick else 100)
+                                n_class=16 if quick else 100, progress=progress)
     else:
         report = _plain_samples(tuned, cfg, samples, sheet)
     print(f"3/3 {report}")
@@ -133,15 +133,21 @@ def _plain_samples(tuned, cfg, samples: Path, sheet: Path) -> str:
     return f"sampled {len(images)} images for {len(prompts)} prompts"
 
 
-def _world_samples(tuned, cfg, run_dir: Path, subject, samples: Path, sheet: Path, n_class: int) -> str:
+def _world_samples(tuned, cfg, run_dir: Path, subject, samples: Path, sheet: Path, n_class: int,
+                   progress: bool = True) -> str:
     import json
 
-    from dreambooth.models import load_base_model
-    from dreambooth.world.score import score_world
+    from tqdm.auto import tqdm
 
-    scores = score_world(tuned, subject, cfg.data.token, base=load_base_model("world"),
-                         seeds=cfg.sample.num_images, steps=cfg.sample.steps, n_class=n_class,
-                         guidance=cfg.sample.guidance)
+    from dreambooth.models import load_base_model
+    from dreambooth.world.score import score_world, subject_prompts
+
+    # the subject prompts, then the class prompt before (base model) and after tuning
+    total = len(subject_prompts(cfg.data.token, subject.shape)) * cfg.sample.num_images + 2 * n_class
+    with tqdm(total=total, desc="sampling and scoring", unit="img", disable=not progress) as bar:
+        scores = score_world(tuned, subject, cfg.data.token, base=load_base_model("world"),
+                             seeds=cfg.sample.num_images, steps=cfg.sample.steps, n_class=n_class,
+                             guidance=cfg.sample.guidance, progress=bar.update)
     _save_samples([im for _, _, im in scores.images], [f"{p} (seed {s})" for p, s, _ in scores.images],
                   [s for _, s, _ in scores.images], samples, sheet, cell=96)
     s = scores.summary()

@@ -11,6 +11,7 @@ For a subject taught with identifier TOKEN and class noun SHAPE:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dreambooth.models import BaseModel
@@ -43,44 +44,96 @@ class WorldScores:
 
 
 def class_samples(model: BaseModel, shape: str, n: int, probe, steps: int = 25,
-                  guidance: float = 5.0, seed: int = 10_000, batch: int = 32) -> tuple[list, list]:
+                  guidance: float = 5.0, seed: int = 10_000, batch: int = 32,
+                  progress: Callable[[int], None] | None = None) -> tuple[list, list]:
     """(readings, images) of the class prompt "a photo of a SHAPE" for seeds seed..seed+n-1.
     The same seeds before and after fine-tuning pair the samples: an unchanged model reads the
     same, so the distance measures the change rather than sampling noise."""
     from dreambooth.sample import generate
 
     images = generate(model, [f"a photo of a {shape}"] * n, [seed + i for i in range(n)],
-                      steps=steps, guidance=guidance, batch_size=batch)
+                      steps=steps, guidance=guidance, batch_size=batch, progress=progress)
     return probe.read(images), images
+
+
+NEGATIVES = ("", "class", "context")  # what subject_negative can give the subject prompts
+
+
+def subject_negative(kind: str, shape: str, background: str | None) -> str:
+    """The negative prompt of a subject prompt. "": none (guidance pushes along the whole prompt);
+    "class": "a photo of a SHAPE"; "context": the prompt without its identifier ("a photo of a SHAPE
+    on the beach"), so that guidance pushes along what the identifier adds to the class."""
+    if kind not in NEGATIVES:
+        raise ValueError(f"unknown subject negative {kind!r}; choose one of {NEGATIVES}")
+    if kind == "":
+        return ""
+    context = f" {BACKGROUND_PHRASES[background]}" if kind == "context" and background else ""
+    return f"a photo of a {shape}{context}"
+
+
+@dataclass
+class SubjectScores:
+    subject_fidelity: float
+    prompt_fidelity: float
+    diversity: dict[str, float]
+    factor_match: dict[str, float]
+    images: list = field(repr=False)  # (prompt, seed, PIL image)
+
+    def summary(self) -> dict:
+        return {"subject_fidelity": round(self.subject_fidelity, 4),
+                "prompt_fidelity": round(self.prompt_fidelity, 4),
+                "factor_match": {k: round(v, 4) for k, v in self.factor_match.items()}}
+
+
+def subject_scores(tuned: BaseModel, subject: Subject, token: str, *, negative: str = "",
+                   seeds: int = 4, steps: int = 25, guidance: float = 5.0, probe=None,
+                   progress: Callable[[int], None] | None = None) -> SubjectScores:
+    """Sample the subject prompts (``seeds`` seeds each, the negative prompt of kind ``negative``)
+    and read them: subject fidelity, prompt fidelity, diversity of the plain prompt. ``progress``
+    is called with the number of images drawn after each batch."""
+    from dreambooth.sample import generate
+    from dreambooth.world.probe import (diversity, factor_match, load_probe, prompt_fidelity,
+                                        subject_fidelity)
+
+    probe = probe or load_probe()
+    pairs = [(p, bg, s) for p, bg in subject_prompts(token, subject.shape) for s in range(seeds)]
+    images = generate(tuned, [p for p, _, _ in pairs], [s for _, _, s in pairs], steps=steps,
+                      guidance=guidance, batch_size=32,
+                      negative_prompt=[subject_negative(negative, subject.shape, bg) for _, bg, _ in pairs],
+                      progress=progress)
+    readings = probe.read(images)
+    in_context = [(r, bg) for r, (_, bg, _) in zip(readings, pairs) if bg is not None]
+    return SubjectScores(
+        subject_fidelity=subject_fidelity(readings, subject),
+        prompt_fidelity=prompt_fidelity([r for r, _ in in_context], [b for _, b in in_context]),
+        diversity=diversity([r for r, (_, bg, _) in zip(readings, pairs) if bg is None]),
+        factor_match=factor_match(readings, subject),
+        images=[(p, s, im) for (p, _, s), im in zip(pairs, images)])
 
 
 def score_world(tuned: BaseModel, subject: Subject, token: str, *, base: BaseModel | None = None,
                 base_readings: list[dict] | None = None, seeds: int = 4, n_class: int = 200,
-                steps: int = 25, guidance: float = 5.0, probe=None) -> WorldScores:
-    """Generate and score; the base model's class readings may be passed in to reuse them."""
-    from dreambooth.sample import generate
-    from dreambooth.world.probe import (diversity, factor_match, load_probe, prompt_fidelity,
-                                        subject_fidelity, tv_report)
+                steps: int = 25, guidance: float = 5.0, probe=None, negative: str = "",
+                progress: Callable[[int], None] | None = None) -> WorldScores:
+    """Generate and score; the base model's class readings may be passed in to reuse them.
+    ``negative`` is the subject prompts' negative (subject_negative); class prompts have none.
+    ``progress`` is called with the number of images drawn after each batch: seeds x 7 subject
+    images, n_class class images of the tuned model, and n_class of the base unless passed in."""
+    from dreambooth.world.probe import load_probe, tv_report
 
     probe = probe or load_probe()
-    prompts = subject_prompts(token, subject.shape)
-    pairs = [(p, bg, s) for p, bg in prompts for s in range(seeds)]
-    images = generate(tuned, [p for p, _, _ in pairs], [s for _, _, s in pairs], steps=steps,
-                      guidance=guidance, batch_size=32)
-    readings = probe.read(images)
-    in_context = [(r, bg) for r, (_, bg, _) in zip(readings, pairs) if bg is not None]
-    plain = [r for r, (_, bg, _) in zip(readings, pairs) if bg is None]
+    s = subject_scores(tuned, subject, token, negative=negative, seeds=seeds, steps=steps,
+                       guidance=guidance, probe=probe, progress=progress)
     if base_readings is None:
-        base_readings, _ = class_samples(base, subject.shape, n_class, probe, steps, guidance)
-    after, after_images = class_samples(tuned, subject.shape, n_class, probe, steps, guidance)
+        base_readings, _ = class_samples(base, subject.shape, n_class, probe, steps, guidance,
+                                         progress=progress)
+    after, after_images = class_samples(tuned, subject.shape, n_class, probe, steps, guidance,
+                                        progress=progress)
     return WorldScores(
-        subject_fidelity=subject_fidelity(readings, subject),
-        prompt_fidelity=prompt_fidelity([r for r, _ in in_context], [b for _, b in in_context]),
+        subject_fidelity=s.subject_fidelity, prompt_fidelity=s.prompt_fidelity,
         prior_distance=tv_report(after, base_readings),  # over probe.DISTRIBUTION
-        diversity=diversity(plain),
-        factor_match=factor_match(readings, subject),
-        images=[(p, s, im) for (p, _, s), im in zip(pairs, images)], class_images=after_images,
-        class_readings=after)
+        diversity=s.diversity, factor_match=s.factor_match, images=s.images,
+        class_images=after_images, class_readings=after)
 
 
 def base_accuracy(model: BaseModel, n: int = 200, seed: int = 7, steps: int = 25,
