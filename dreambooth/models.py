@@ -218,7 +218,8 @@ def load_base_model(path: str, kind: str = "auto", prediction_type: str = "auto"
         path = str(WORLD_MODEL)
         if not (WORLD_MODEL / "model_index.json").is_file():
             raise ModelError(f"the world model is not in {WORLD_MODEL}: build it with "
-                             "`dreambooth world pretrain --ship` (about 110 minutes on 2 CPU cores)")
+                             "`dreambooth world pretrain --ship` (108 minutes on 2 CPU cores when the "
+                             "shipped model was made; slower on other CPUs, docs/world.md)")
     if path in TINY_NAMES:
         model = build_tiny(path)
     elif Path(path).suffix.lower() in SINGLE_FILE_SUFFIXES:
