@@ -24,25 +24,6 @@ def subject_prompts(token: str, shape: str) -> list[tuple[str, str | None]]:
     return plain + [(f"a photo of {token} {shape} {BACKGROUND_PHRASES[b]}", b) for b in BACKGROUNDS]
 
 
-@dataclass
-class WorldScores:
-    subject_fidelity: float
-    prompt_fidelity: float
-    prior_distance: dict[str, float]
-    diversity: dict[str, float]
-    factor_match: dict[str, float] = field(default_factory=dict)  # per identity factor
-    images: list = field(default_factory=list, repr=False)  # (prompt, seed, PIL image)
-    class_images: list = field(default_factory=list, repr=False)  # class prompt, after tuning
-    class_readings: list = field(default_factory=list, repr=False)  # their probe readings
-
-    def summary(self) -> dict:
-        return {"subject_fidelity": round(self.subject_fidelity, 4),
-                "prompt_fidelity": round(self.prompt_fidelity, 4),
-                "prior_distance": {k: round(v, 4) for k, v in self.prior_distance.items()},
-                "diversity": {k: round(v, 4) for k, v in self.diversity.items()},
-                "factor_match": {k: round(v, 4) for k, v in self.factor_match.items()}}
-
-
 def class_samples(model: BaseModel, shape: str, n: int, probe, steps: int = 25,
                   guidance: float = 5.0, seed: int = 10_000, batch: int = 32,
                   progress: Callable[[int], None] | None = None) -> tuple[list, list]:
@@ -73,16 +54,30 @@ def subject_negative(kind: str, shape: str, background: str | None) -> str:
 
 @dataclass
 class SubjectScores:
+    """What the subject prompts' images read: fidelity, prompt fidelity, diversity."""
     subject_fidelity: float
     prompt_fidelity: float
     diversity: dict[str, float]
-    factor_match: dict[str, float]
-    images: list = field(repr=False)  # (prompt, seed, PIL image)
+    factor_match: dict[str, float] = field(default_factory=dict)  # per identity factor
+    images: list = field(default_factory=list, repr=False)  # (prompt, seed, PIL image)
 
     def summary(self) -> dict:
         return {"subject_fidelity": round(self.subject_fidelity, 4),
                 "prompt_fidelity": round(self.prompt_fidelity, 4),
+                "diversity": {k: round(v, 4) for k, v in self.diversity.items()},
                 "factor_match": {k: round(v, 4) for k, v in self.factor_match.items()}}
+
+
+@dataclass
+class WorldScores(SubjectScores):
+    """The subject's scores and the class prompt's drift."""
+    prior_distance: dict[str, float] = field(default_factory=dict)
+    class_images: list = field(default_factory=list, repr=False)  # class prompt, after tuning
+    class_readings: list = field(default_factory=list, repr=False)  # their probe readings
+
+    def summary(self) -> dict:
+        return {**super().summary(),
+                "prior_distance": {k: round(v, 4) for k, v in self.prior_distance.items()}}
 
 
 def subject_scores(tuned: BaseModel, subject: Subject, token: str, *, negative: str = "",
@@ -129,11 +124,8 @@ def score_world(tuned: BaseModel, subject: Subject, token: str, *, base: BaseMod
                                          progress=progress)
     after, after_images = class_samples(tuned, subject.shape, n_class, probe, steps, guidance,
                                         progress=progress)
-    return WorldScores(
-        subject_fidelity=s.subject_fidelity, prompt_fidelity=s.prompt_fidelity,
-        prior_distance=tv_report(after, base_readings),  # over probe.DISTRIBUTION
-        diversity=s.diversity, factor_match=s.factor_match, images=s.images,
-        class_images=after_images, class_readings=after)
+    return WorldScores(**vars(s), prior_distance=tv_report(after, base_readings),  # over probe.DISTRIBUTION
+                       class_images=after_images, class_readings=after)
 
 
 def base_accuracy(model: BaseModel, n: int = 200, seed: int = 7, steps: int = 25,
