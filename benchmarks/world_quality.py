@@ -70,6 +70,11 @@ def main(argv=None) -> int:
                          "'context' (the prompt without its identifier); the class prompts keep none")
     ap.add_argument("--keep", default="", help="keep the runs (photos, run dirs) in this folder")
     args = ap.parse_args(argv)
+    negatives = [k.strip() for k in args.negatives.split(",") if k.strip()]
+    from dreambooth.world.score import NEGATIVES
+    if set(negatives) - set(NEGATIVES):  # before any training, not after the first run
+        ap.error(f"--negatives: unknown {sorted(set(negatives) - set(NEGATIVES))}; choose from "
+                 f"{[k for k in NEGATIVES if k]}")
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
@@ -151,7 +156,7 @@ def main(argv=None) -> int:
                 if i == 0:
                     sheets += [(f"{label}: {p}", im) for p, seed, im in s.images if seed < 2]
                     sheets += [(f"{label}: a photo of a {subject.shape}", im) for im in s.class_images[:6]]
-                for kind in [k.strip() for k in args.negatives.split(",") if k.strip()]:
+                for kind in negatives:
                     ns = subject_scores(tuned, subject, cfg.data.token, negative=kind,
                                         guidance=args.guidance, probe=probe)
                     row[name].setdefault("negatives", {})[kind] = ns.summary()
