@@ -146,7 +146,9 @@ def main(argv=None) -> int:
                 train(cfg, run_dir, progress=False)
                 tuned, cfg = load_run_model(run_dir)
                 s = score_world(tuned, subject, cfg.data.token, base_readings=before, n_class=n,
-                                guidance=args.guidance, probe=probe)
+                                guidance=args.guidance, probe=probe,
+                                subject_guidance=cfg.sample.subject_guidance,
+                                subject_below=cfg.sample.subject_guidance_below)
                 row[name] = s.summary()
                 saved[name] = s.class_readings
                 if len(prefixes) > 1:
@@ -158,7 +160,9 @@ def main(argv=None) -> int:
                     sheets += [(f"{label}: a photo of a {subject.shape}", im) for im in s.class_images[:6]]
                 for kind in negatives:
                     ns = subject_scores(tuned, subject, cfg.data.token, negative=kind,
-                                        guidance=args.guidance, probe=probe)
+                                        guidance=args.guidance, probe=probe,
+                                        subject_guidance=cfg.sample.subject_guidance,
+                                        subject_below=cfg.sample.subject_guidance_below)
                     row[name].setdefault("negatives", {})[kind] = ns.summary()
                     if i == 0:
                         sheets += [(f"{label}, negative {kind}: {p}", im) for p, seed, im in ns.images if seed < 2]

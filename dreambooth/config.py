@@ -146,6 +146,10 @@ class SampleConfig:
     scheduler: str = _choices("dpmpp", "unipc", "ddim", "ddpm", default="dpmpp")
     negative_prompt: str = ""
     seed: int = 0
+    # > 0: also guide along what the identifier adds to each prompt, below this timestep
+    # (sample.generate's subject guidance; SD 1.x/2.x; docs/world.md, "Subject guidance at low noise")
+    subject_guidance: float = 0.0
+    subject_guidance_below: int = 400
 
 
 @dataclass

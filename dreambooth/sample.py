@@ -47,7 +47,8 @@ def make_scheduler(name: str, train_scheduler_config: Any):
 def generate(model: BaseModel, prompts: list[str], seeds: list[int], *, steps: int = 25,
              guidance: float = 7.5, negative_prompt: str | list[str] = "", resolution: int | None = None,
              scheduler: str = "dpmpp", batch_size: int = 4, lora_scale: float = 1.0,
-             progress: Callable[[int], None] | None = None) -> list:
+             subject_guidance: float = 0.0, subject_below: int = 400, token: str = "",
+             class_noun: str = "", progress: Callable[[int], None] | None = None) -> list:
     """One PIL image per (prompt, seed) pair, in order, ``batch_size`` at a time.
 
     ``negative_prompt`` is one for every prompt, or a list with one per prompt.
@@ -55,6 +56,11 @@ def generate(model: BaseModel, prompts: list[str], seeds: list[int], *, steps: i
     of images finished after each batch (e.g. a tqdm bar's ``update``). ``lora_scale`` scales
     the LoRA adapters, if the model has any (1.0: as trained; it does nothing without LoRA). The model's modules are
     put in eval mode for the call and given back in the mode they were in.
+
+    ``subject_guidance`` h > 0 adds, at timesteps below ``subject_below``, h times what the
+    identifier ``token`` adds to each prompt that holds it: eps = e(neg) + g (e(p) - e(neg)) +
+    h (e(p) - e(p without the identifier)) (``contrast_prompt``). A third UNet pass a step, for
+    batches with the identifier only: other prompts are drawn exactly as without it.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"generate needs one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
@@ -62,6 +68,11 @@ def generate(model: BaseModel, prompts: list[str], seeds: list[int], *, steps: i
     if len(negatives) != len(prompts):
         raise ValueError(f"generate needs one negative prompt, or one per prompt: {len(prompts)} prompts, "
                          f"{len(negatives)} negative prompts")
+    if subject_guidance and not token:
+        raise ValueError("subject_guidance needs the identifier (token=...): it guides along what the "
+                         "identifier adds to each prompt")
+    if subject_guidance and model.text_encoder_2 is not None:
+        raise ConfigError("sample.subject_guidance is for SD 1.x/2.x models; set it to 0 for SDXL")
     pipe = model.pipeline(scheduler=make_scheduler(scheduler, model.scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     modules = [m for m in model.components().values() if isinstance(m, torch.nn.Module)]
@@ -76,16 +87,68 @@ def generate(model: BaseModel, prompts: list[str], seeds: list[int], *, steps: i
             for start in range(0, len(prompts), batch_size):
                 batch_prompts = prompts[start:start + batch_size]
                 generators = [torch.Generator().manual_seed(s) for s in seeds[start:start + batch_size]]
-                out = pipe(prompt=batch_prompts, negative_prompt=negatives[start:start + batch_size],
-                           num_inference_steps=steps, guidance_scale=guidance, height=size,
-                           width=size, generator=generators, output_type="pil", **extra)
-                images.extend(out.images)
+                contrasts = [contrast_prompt(p, token, class_noun) for p in batch_prompts]
+                if subject_guidance and contrasts != batch_prompts:
+                    images.extend(_subject_guided(pipe, batch_prompts, negatives[start:start + batch_size],
+                                                  contrasts, generators, steps, guidance, subject_guidance,
+                                                  subject_below, size, extra))
+                else:
+                    out = pipe(prompt=batch_prompts, negative_prompt=negatives[start:start + batch_size],
+                               num_inference_steps=steps, guidance_scale=guidance, height=size,
+                               width=size, generator=generators, output_type="pil", **extra)
+                    images.extend(out.images)
                 if progress is not None:
                     progress(len(batch_prompts))
     finally:
         for m, mode in zip(modules, was_training):
             m.train(mode)
     return images
+
+
+def contrast_prompt(prompt: str, token: str, class_noun: str) -> str:
+    """The prompt without its identifier: "a photo of zwx dog on the beach" -> "a photo of a dog on
+    the beach" ("TOKEN CLASS" becomes "a CLASS" unless an article or "my" comes before it); a prompt
+    without the identifier comes back unchanged."""
+    import re
+
+    if not token or not re.search(rf"\b{re.escape(token)}\b", prompt, flags=re.IGNORECASE):
+        return prompt
+    words = prompt.split()
+    out = []
+    for i, word in enumerate(words):
+        if word.lower() != token.lower():
+            out.append(word)
+        elif (class_noun and i + 1 < len(words) and words[i + 1].lower() == class_noun.lower()
+              and (i == 0 or words[i - 1].lower() not in ("a", "an", "the", "my"))):
+            out.append("a")  # "of zwx dog" -> "of a dog"
+    return " ".join(out)
+
+
+def _subject_guided(pipe, prompts, negatives, contrasts, generators, steps, guidance, h, below, size,
+                    extra) -> list:
+    """``generate``'s sampler for subject guidance: the pipeline's own pieces (prompt encoding,
+    starting latents, scheduler, decoder) with three UNet passes a step, the third only below
+    ``below``."""
+    device = pipe.unet.device
+    pos, neg = pipe.encode_prompt(prompts, device, 1, True, negatives)
+    con, _ = pipe.encode_prompt(contrasts, device, 1, False)
+    pipe.scheduler.set_timesteps(steps, device=device)
+    latents = pipe.prepare_latents(len(prompts), pipe.unet.config.in_channels, size, size, pos.dtype,
+                                   device, generators)
+    # rows without the identifier get no subject term at all (0 x the difference)
+    weight = torch.tensor([float(c != p) * h for p, c in zip(prompts, contrasts)],
+                          dtype=pos.dtype, device=device).view(-1, 1, 1, 1)
+    for t in pipe.scheduler.timesteps:
+        third = int(t) < below
+        conds = [neg, pos, con] if third else [neg, pos]
+        x = pipe.scheduler.scale_model_input(torch.cat([latents] * len(conds)), t)
+        out = pipe.unet(x, t, encoder_hidden_states=torch.cat(conds), **extra).sample.chunk(len(conds))
+        eps = out[0] + guidance * (out[1] - out[0])
+        if third:
+            eps = eps + weight * (out[1] - out[2])
+        latents = pipe.scheduler.step(eps, t, latents).prev_sample
+    decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    return pipe.image_processor.postprocess(decoded, output_type="pil")
 
 
 # ---------------------------------------------------------------- prompts and metadata

@@ -67,6 +67,23 @@ def test_sample_writes_pngs_with_their_settings_and_a_sheet(runs, tmp_path, caps
         assert np.array_equal(np.asarray(image), np.asarray(Image.open(png).convert("RGB"))), png.name
 
 
+def test_sample_subject_guidance_flag(runs, tmp_path):
+    """--subject-guidance reaches generate (same images as generate with it) and the PNG text."""
+    out = tmp_path / "g"
+    assert main(["sample", str(runs / "full"), "--prompt", "a photo of my toy", "--n", "2", "--steps", "4",
+                 "--subject-guidance", "30", "--out", str(out), "--no-progress"]) == 0
+    pngs = sorted(out.glob("0*.png"))
+    assert Image.open(pngs[0]).text["subject_guidance"] == "30.0"
+    from dreambooth.checkpoint import load_run_model
+
+    model, cfg = load_run_model(runs / "full")
+    kw = dict(steps=4, guidance=cfg.sample.guidance, resolution=cfg.data.resolution)
+    guided = generate(model, ["a photo of waj toy"] * 2, [0, 1], subject_guidance=30.0, token="waj",
+                      class_noun="toy", **kw)
+    for g, png in zip(guided, pngs):  # what the option does to images: test_sample.py
+        assert np.array_equal(np.asarray(g), np.asarray(Image.open(png).convert("RGB")))
+
+
 def test_sample_reads_prompts_from_a_file_and_refuses_none(runs, tmp_path):
     f = tmp_path / "prompts.txt"
     f.write_text("# my prompts\na photo of my toy\n\nmy toy on the beach\n")

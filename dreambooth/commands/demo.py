@@ -129,7 +129,9 @@ def _plain_samples(tuned, cfg, samples: Path, sheet: Path) -> str:
     pairs = [(p, s) for p in prompts for s in range(cfg.sample.num_images)]
     images = generate(tuned, [p for p, _ in pairs], [s for _, s in pairs], steps=cfg.sample.steps,
                       guidance=cfg.sample.guidance, resolution=cfg.data.resolution,
-                      scheduler=cfg.sample.scheduler)
+                      scheduler=cfg.sample.scheduler, subject_guidance=cfg.sample.subject_guidance,
+                      subject_below=cfg.sample.subject_guidance_below, token=cfg.data.token,
+                      class_noun=cfg.data.class_noun)
     _save_samples(images, [f"{p} (seed {s})" for p, s in pairs], [s for _, s in pairs], samples, sheet)
     return f"sampled {len(images)} images for {len(prompts)} prompts"
 
@@ -148,7 +150,8 @@ def _world_samples(tuned, cfg, run_dir: Path, subject, samples: Path, sheet: Pat
     with tqdm(total=total, desc="sampling and scoring", unit="img", disable=not progress) as bar:
         scores = score_world(tuned, subject, cfg.data.token, base=load_base_model("world"),
                              seeds=cfg.sample.num_images, steps=cfg.sample.steps, n_class=n_class,
-                             guidance=cfg.sample.guidance, progress=bar.update)
+                             guidance=cfg.sample.guidance, subject_guidance=cfg.sample.subject_guidance,
+                             subject_below=cfg.sample.subject_guidance_below, progress=bar.update)
     _save_samples([im for _, _, im in scores.images], [f"{p} (seed {s})" for p, s, _ in scores.images],
                   [s for _, s, _ in scores.images], samples, sheet, cell=96)
     s = scores.summary()

@@ -12,7 +12,8 @@ def run_settings(run: Path, cfg) -> dict:
 
     s = cfg.sample
     settings = dict(steps=s.steps, guidance=s.guidance, scheduler=s.scheduler, lora_scale=1.0,
-                    negative_prompt=s.negative_prompt, source="config.yaml (sample section)")
+                    negative_prompt=s.negative_prompt, subject_guidance=s.subject_guidance,
+                    subject_below=s.subject_guidance_below, source="config.yaml (sample section)")
     chosen = run / SETTINGS_FILE
     if chosen.is_file():
         saved = json.loads(chosen.read_text())
@@ -23,8 +24,8 @@ def run_settings(run: Path, cfg) -> dict:
 
 def sample(run_dir: str, prompt: list[str] | None = None, prompts_file: str = "", n: int = 4,
            seed: int = 0, steps: int = 0, guidance: float = -1.0, negative: str | None = None,
-           scheduler: str = "", lora_scale: float = -1.0, checkpoint: str = "final",
-           out: str = "", batch: int = 4, progress: bool = True) -> int:
+           scheduler: str = "", lora_scale: float = -1.0, subject_guidance: float = -1.0,
+           checkpoint: str = "final", out: str = "", batch: int = 4, progress: bool = True) -> int:
     """Generate images of the subject from a finished run.
 
     Prompts may use {token} and {class}, or say "my CLASS" ("a photo of my dog on the beach").
@@ -45,6 +46,7 @@ def sample(run_dir: str, prompt: list[str] | None = None, prompts_file: str = ""
         negative: negative prompt (default: the run's)
         scheduler: dpmpp, unipc, ddim or ddpm (default: the run's)
         lora_scale: strength of a LoRA run's adapters (-1: the run's default, usually 1.0)
+        subject_guidance: extra guidance along what the identifier adds to each prompt, at low noise (-1: the run's default; 0: off)
         checkpoint: final, best or step-N
         out: folder for the images (default: RUN_DIR/samples/sample-N)
         batch: images per forward pass
@@ -78,7 +80,8 @@ def sample(run_dir: str, prompt: list[str] | None = None, prompts_file: str = ""
     model, cfg, name = load_checkpoint_model(run, checkpoint)
     settings = run_settings(run, cfg)
     for key, value, unset in (("steps", steps, 0), ("guidance", guidance, -1.0),
-                              ("scheduler", scheduler, ""), ("lora_scale", lora_scale, -1.0)):
+                              ("scheduler", scheduler, ""), ("lora_scale", lora_scale, -1.0),
+                              ("subject_guidance", subject_guidance, -1.0)):
         if value != unset:
             settings[key] = value
     if negative is not None:
@@ -102,13 +105,16 @@ def sample(run_dir: str, prompt: list[str] | None = None, prompts_file: str = ""
     images = generate(model, [p for p, _ in jobs], [s for _, s in jobs], steps=settings["steps"],
                       guidance=settings["guidance"], negative_prompt=settings["negative_prompt"],
                       resolution=cfg.data.resolution, scheduler=settings["scheduler"],
-                      batch_size=batch, lora_scale=settings["lora_scale"], progress=bar.update)
+                      batch_size=batch, lora_scale=settings["lora_scale"],
+                      subject_guidance=settings["subject_guidance"], subject_below=settings["subject_below"],
+                      token=token, class_noun=noun, progress=bar.update)
     bar.close()
     labels = []
     for i, ((p, s), image) in enumerate(zip(jobs, images)):
         meta = dict(prompt=p, negative_prompt=settings["negative_prompt"], seed=s,
                     steps=settings["steps"], guidance=settings["guidance"],
                     scheduler=settings["scheduler"], lora_scale=settings["lora_scale"],
+                    subject_guidance=settings["subject_guidance"], subject_below=settings["subject_below"],
                     resolution=cfg.data.resolution, checkpoint=name, run=str(run.resolve()),
                     model=cfg.model.path, token=token, **{"class": noun})
         image.save(folder / f"{i:03d}-p{full.index(p):02d}-seed{s}.png", pnginfo=png_metadata(meta))

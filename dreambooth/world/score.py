@@ -82,10 +82,11 @@ class WorldScores(SubjectScores):
 
 def subject_scores(tuned: BaseModel, subject: Subject, token: str, *, negative: str = "",
                    seeds: int = 4, steps: int = 25, guidance: float = 5.0, probe=None,
+                   subject_guidance: float = 0.0, subject_below: int = 400,
                    progress: Callable[[int], None] | None = None) -> SubjectScores:
-    """Sample the subject prompts (``seeds`` seeds each, the negative prompt of kind ``negative``)
-    and read them: subject fidelity, prompt fidelity, diversity of the plain prompt. ``progress``
-    is called with the number of images drawn after each batch."""
+    """Sample the subject prompts (``seeds`` seeds each, the negative prompt of kind ``negative``,
+    ``generate``'s subject guidance) and read them: subject fidelity, prompt fidelity, diversity
+    of the plain prompt. ``progress`` is called with the number of images drawn after each batch."""
     from dreambooth.sample import generate
     from dreambooth.world.probe import (diversity, factor_match, load_probe, prompt_fidelity,
                                         subject_fidelity)
@@ -95,7 +96,8 @@ def subject_scores(tuned: BaseModel, subject: Subject, token: str, *, negative: 
     images = generate(tuned, [p for p, _, _ in pairs], [s for _, _, s in pairs], steps=steps,
                       guidance=guidance, batch_size=32,
                       negative_prompt=[subject_negative(negative, subject.shape, bg) for _, bg, _ in pairs],
-                      progress=progress)
+                      subject_guidance=subject_guidance, subject_below=subject_below, token=token,
+                      class_noun=subject.shape, progress=progress)
     readings = probe.read(images)
     in_context = [(r, bg) for r, (_, bg, _) in zip(readings, pairs) if bg is not None]
     return SubjectScores(
@@ -109,16 +111,20 @@ def subject_scores(tuned: BaseModel, subject: Subject, token: str, *, negative: 
 def score_world(tuned: BaseModel, subject: Subject, token: str, *, base: BaseModel | None = None,
                 base_readings: list[dict] | None = None, seeds: int = 4, n_class: int = 200,
                 steps: int = 25, guidance: float = 5.0, probe=None, negative: str = "",
+                subject_guidance: float = 0.0, subject_below: int = 400,
                 progress: Callable[[int], None] | None = None) -> WorldScores:
     """Generate and score; the base model's class readings may be passed in to reuse them.
     ``negative`` is the subject prompts' negative (subject_negative); class prompts have none.
+    ``subject_guidance`` (``generate``'s) acts on the subject prompts only: the class prompt holds no
+    identifier, so its samples are the same with or without it.
     ``progress`` is called with the number of images drawn after each batch: seeds x 7 subject
     images, n_class class images of the tuned model, and n_class of the base unless passed in."""
     from dreambooth.world.probe import load_probe, tv_report
 
     probe = probe or load_probe()
     s = subject_scores(tuned, subject, token, negative=negative, seeds=seeds, steps=steps,
-                       guidance=guidance, probe=probe, progress=progress)
+                       guidance=guidance, probe=probe, subject_guidance=subject_guidance,
+                       subject_below=subject_below, progress=progress)
     if base_readings is None:
         base_readings, _ = class_samples(base, subject.shape, n_class, probe, steps, guidance,
                                          progress=progress)
