@@ -30,6 +30,13 @@ def _choices(*values: str, default: str) -> Any:
     return field(default=default, metadata={"choices": values})
 
 
+def _at_least(low: float, default: Any) -> Any:
+    """A number (or, for a list field, every item) that must be >= low."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"min": low})
+    return field(default=default, metadata={"min": low})
+
+
 @dataclass
 class ModelConfig:
     path: str = "tiny"  # a local diffusers folder, a single .safetensors file, or "tiny"
@@ -85,7 +92,7 @@ class PriorConfig:
 @dataclass
 class TrainConfig:
     mode: str = _choices("full", "lora", default="full")
-    train_text_encoder: bool = False
+    train_text_encoder: bool = False  # SDXL: both text encoders (LoRA: lora.text_encoder_targets in each)
     text_encoder_steps: int = 0  # train the text encoder only for the first K steps (0: all)
     # train only the identifier's input embedding (pivotal tuning); other prompts keep their
     # exact conditioning, which helps prior preservation. Full mode; lr: text_encoder_lr
@@ -140,16 +147,16 @@ class SampleConfig:
             "a photo of a {class}",
         ]
     )
-    num_images: int = 2
-    steps: int = 25
-    guidance: float = 7.5
+    num_images: int = _at_least(1, 2)
+    steps: int = _at_least(1, 25)
+    guidance: float = _at_least(0, 7.5)
     scheduler: str = _choices("dpmpp", "unipc", "ddim", "ddpm", default="dpmpp")
     negative_prompt: str = ""
     seed: int = 0
     # > 0: also guide along what the identifier adds to each prompt, below this timestep
     # (sample.generate's subject guidance; SD 1.x/2.x; docs/world.md, "Subject guidance at low noise")
-    subject_guidance: float = 0.0
-    subject_guidance_below: int = 400
+    subject_guidance: float = _at_least(0, 0.0)
+    subject_guidance_below: int = _at_least(0, 400)
 
 
 @dataclass
@@ -166,14 +173,16 @@ class EvalConfig:
     num_images: int = 2  # per prompt, seeds seed .. seed+n-1 (the same at every evaluation)
     class_images: int = 4  # class-prompt images, for PRES / the world prior distance
     seed: int = 1000
-    steps: int = 25
-    guidance: float = 7.5
+    steps: int = _at_least(1, 25)
+    guidance: float = _at_least(0, 7.5)
     scheduler: str = _choices("dpmpp", "unipc", "ddim", "ddpm", default="dpmpp")
     # auto: the world probes on the world model, plus DINO/CLIP when eval.dino and eval.clip are set
     metrics: str = _choices("auto", "clip", "world", default="auto")
     dino: str = ""  # local folder of facebook/dino-vits16 ("tiny": a random in-process ViT)
     clip: str = ""  # local folder of openai/clip-vit-base-patch32 ("tiny": random in-process)
     select_best: bool = True  # final/ holds the best evaluated step instead of the last one
+    subject_guidance: float = _at_least(0, 0.0)  # as sample.subject_guidance, for the validation samples
+    subject_guidance_below: int = _at_least(0, 400)
     prompt_floor: float = 0.9  # candidates keep prompt fidelity >= floor x the best seen
     early_stop: int = 0  # stop when prompt fidelity fell K evaluations in a row, fidelity flat
     flat: float = 0.02  # "flat": fidelity gained less than this over those K evaluations
@@ -181,10 +190,13 @@ class EvalConfig:
 
 @dataclass
 class SweepConfig:
-    guidance: list[float] = field(default_factory=lambda: [3.0, 5.0, 7.5, 10.0])
-    steps: list[int] = field(default_factory=lambda: [15, 25, 40])
+    guidance: list[float] = _at_least(0, [3.0, 5.0, 7.5, 10.0])
+    steps: list[int] = _at_least(1, [15, 25, 40])
     schedulers: list[str] = field(default_factory=lambda: ["dpmpp", "unipc", "ddim"])
     lora_scales: list[float] = field(default_factory=lambda: [0.6, 0.8, 1.0])  # LoRA runs only
+    # sample.generate's subject guidance h, below sample.subject_guidance_below; e.g. [0, 2.5]
+    # (each h > 0 adds a third UNet pass at low noise; SD 1.x/2.x)
+    subject_guidance: list[float] = _at_least(0, [0.0])
     prompts: list[str] = field(  # the prompts settings are tuned on
         default_factory=lambda: ["a photo of {token} {class} on the beach",
                                  "a photo of {token} {class} in the snow"])
@@ -271,10 +283,10 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, hint: Any) -> Any:
             return value
         raise bad("true or false")
     if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
         if isinstance(value, float) and value.is_integer():
-            return int(value)
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return _in_range(key, f, value)
         raise bad("an integer")
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
@@ -283,7 +295,7 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, hint: Any) -> Any:
             except ValueError:
                 raise bad("a number") from None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return _in_range(key, f, float(value))
         raise bad("a number")
     if hint is str:
         if value is None:
@@ -309,6 +321,13 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, hint: Any) -> Any:
             raise bad(f"a list of {item.__name__}")
         return [_coerce(f"{key}[{i}]", f, v, item) for i, v in enumerate(value)]
     raise bad(str(hint))  # pragma: no cover - every field type is handled above
+
+
+def _in_range(key: str, f: dataclasses.Field, value: float) -> float:
+    low = f.metadata.get("min")
+    if low is not None and value < low:
+        raise ConfigError(f"config key '{key}' must be at least {low:g}, got {value:g}")
+    return value
 
 
 def set_value(cfg: Config, key: str, value: Any) -> None:

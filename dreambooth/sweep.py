@@ -1,4 +1,5 @@
-"""A scored sweep of inference settings: guidance × steps × scheduler (× LoRA scale).
+"""A scored sweep of inference settings: guidance × steps × scheduler (× LoRA scale)
+(× subject guidance, when ``sweep.subject_guidance`` lists more than 0).
 
 Every setting draws the same tuning prompts with the same seeds; the evaluator
 (``dreambooth.validation``) scores them — DINO/CLIP-T, or the world probes on the world model —
@@ -33,20 +34,27 @@ class Setting:
     steps: int
     scheduler: str
     lora_scale: float = 1.0
+    subject_guidance: float = 0.0  # sample.generate's h, applied below subject_below
+    subject_below: int = 400
 
     @property
     def name(self) -> str:
-        return f"g{self.guidance:g}-s{self.steps}-{self.scheduler}-l{self.lora_scale:g}"
+        name = f"g{self.guidance:g}-s{self.steps}-{self.scheduler}-l{self.lora_scale:g}"
+        # without subject guidance the name is the one sweeps always had, so they still resume
+        return name + (f"-h{self.subject_guidance:g}-w{self.subject_below}" if self.subject_guidance else "")
 
     def kwargs(self) -> dict:
         return dict(guidance=self.guidance, steps=self.steps, scheduler=self.scheduler,
-                    lora_scale=self.lora_scale)
+                    lora_scale=self.lora_scale, subject_guidance=self.subject_guidance,
+                    subject_below=self.subject_below)
 
 
-def grid(guidance, steps, schedulers, lora_scales=(1.0,)) -> list[Setting]:
+def grid(guidance, steps, schedulers, lora_scales=(1.0,), subject_guidance=(0.0,),
+         subject_below: int = 400) -> list[Setting]:
     """Every combination, in a fixed order."""
-    return [Setting(float(g), int(s), sch, float(l))
-            for sch, s, g, l in itertools.product(schedulers, steps, guidance, lora_scales)]
+    return [Setting(float(g), int(s), sch, float(l), float(h), int(subject_below))
+            for sch, s, g, l, h in itertools.product(schedulers, steps, guidance, lora_scales,
+                                                     subject_guidance)]
 
 
 def score(record: dict) -> float:
@@ -54,17 +62,23 @@ def score(record: dict) -> float:
 
 
 def rank(results: dict[Setting, dict]) -> list[tuple[Setting, dict]]:
-    """Best first: by score, then fewer steps (cheaper), then lower guidance."""
-    return sorted(results.items(), key=lambda kv: (-score(kv[1]), kv[0].steps, kv[0].guidance))
+    """Best first: by score, then fewer steps (cheaper), then no subject guidance (a third pass
+    per step below its threshold), then lower guidance."""
+    return sorted(results.items(), key=lambda kv: (-score(kv[1]), kv[0].steps,
+                                                   kv[0].subject_guidance, kv[0].guidance))
 
 
 def table(ranked: list[tuple[Setting, dict]], extra: tuple[str, ...] = ()) -> str:
-    head = "| rank | scheduler | steps | guidance | LoRA scale | score | fidelity | prompt fidelity |"
+    subject = any(s.subject_guidance for s, _ in ranked)  # the column only when it was searched
+    head = ("| rank | scheduler | steps | guidance | LoRA scale |" + (" subject guidance |" if subject else "")
+            + " score | fidelity | prompt fidelity |")
     head += "".join(f" {k} |" for k in extra)
-    lines = [head, "|" + "---|" * (8 + len(extra))]
+    lines = [head, "|" + "---|" * (8 + subject + len(extra))]
     for i, (s, r) in enumerate(ranked, 1):
-        lines.append(f"| {i} | {s.scheduler} | {s.steps} | {s.guidance:g} | {s.lora_scale:g} | "
-                     f"{score(r):.4f} | {r['fidelity']:.4f} | {r['prompt_fidelity']:.4f} |"
+        h = f" {s.subject_guidance:g} (t < {s.subject_below}) |" if s.subject_guidance else " 0 |"
+        lines.append(f"| {i} | {s.scheduler} | {s.steps} | {s.guidance:g} | {s.lora_scale:g} |"
+                     + (h if subject else "")
+                     + f" {score(r):.4f} | {r['fidelity']:.4f} | {r['prompt_fidelity']:.4f} |"
                      + "".join(f" {r[k]:.4f} |" if isinstance(r.get(k), float) else " – |" for k in extra))
     return "\n".join(lines)
 
@@ -142,6 +156,7 @@ def run_sweep(run_dir: str | Path, settings: list[Setting], model, cfg, default:
 
     firsts = [load_photo(root / "samples" / s.name / f"p00-seed{sw.seed}.png").image for s, _ in ranked]
     labels = [f"#{i} {s.scheduler} {s.steps} st g{s.guidance:g}" + (f" l{s.lora_scale:g}" if s.lora_scale != 1 else "")
+              + (f" h{s.subject_guidance:g}" if s.subject_guidance else "")
               + f" {score(r):.2f}" for i, (s, r) in enumerate(ranked, 1)]
     contact_sheet(firsts, labels, cell=96).save(root / "grid.png")
     extra = tuple(k for k in ("world_subject", "dino", "clip_t") if isinstance(ranked[0][1].get(k), float))
@@ -158,12 +173,12 @@ def run_sweep(run_dir: str | Path, settings: list[Setting], model, cfg, default:
         "ranked": [{**s.kwargs(), "score": score(r), "fidelity": r["fidelity"],
                     "prompt_fidelity": r["prompt_fidelity"]} for s, r in ranked],
     }
-    (root / "results.json").write_text(json.dumps(summary, indent=1))
     # Adopt the pick only if it also wins on the held-out prompts: near the top, the ranking on
     # a few tuning prompts is often sampling noise, and the run's defaults are then the safer bet.
     held_best, held_default = summary["held_out"]["best"]["score"], summary["held_out"]["default"]["score"]
     adopted = best if held_best >= held_default else default
     summary["adopted"] = {**adopted.kwargs(), "pick_confirmed": adopted == best}
+    (root / "results.json").write_text(json.dumps(summary, indent=1))
     (run / "sample-settings.json").write_text(json.dumps({
         **adopted.kwargs(), "chosen_by": "dreambooth sweep",
         "why": ("the sweep's pick, confirmed on held-out prompts" if adopted == best else

@@ -97,10 +97,13 @@ def setup_trainable(model: BaseModel, cfg: Config) -> dict[str, torch.nn.Module]
     modules = {"unet": model.unet}
     if cfg.train.train_text_encoder or cfg.train.train_token:
         modules["text_encoder"] = model.text_encoder
+    if cfg.train.train_text_encoder and model.text_encoder_2 is not None:
+        modules["text_encoder_2"] = model.text_encoder_2  # SDXL conditions on both encoders
     if cfg.train.mode == "lora":
         from peft import LoraConfig, inject_adapter_in_model
 
-        targets = {"unet": cfg.lora.unet_targets, "text_encoder": cfg.lora.text_encoder_targets}
+        targets = {"unet": cfg.lora.unet_targets, "text_encoder": cfg.lora.text_encoder_targets,
+                   "text_encoder_2": cfg.lora.text_encoder_targets}
         for name, module in modules.items():
             config = LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
                                 lora_dropout=cfg.lora.dropout, init_lora_weights="gaussian",
@@ -210,7 +213,8 @@ def train_token_only(text_encoder, tokenizer, token: str) -> None:
 
 
 def trainable_weights(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
-    """The trainable tensors, named 'unet.<param>' / 'text_encoder.<param>' (what a checkpoint holds)."""
+    """The trainable tensors, named 'unet.<param>' / 'text_encoder.<param>' / 'text_encoder_2.<param>'
+    (what a checkpoint holds)."""
     return {f"{name}.{p_name}": p for name, m in modules.items()
             for p_name, p in m.named_parameters() if p.requires_grad}
 
@@ -230,10 +234,11 @@ def copy_weights(weights: dict[str, torch.Tensor], saved: dict[str, torch.Tensor
 def make_optimizer(cfg: Config, modules: dict[str, torch.nn.Module]) -> torch.optim.Optimizer:
     t = cfg.train
     groups = [{"params": [p for p in modules["unet"].parameters() if p.requires_grad], "lr": t.lr}]
-    if "text_encoder" in modules:
-        token_only = t.train_token and not t.train_text_encoder  # no decay on untouched rows
-        groups.append({"params": [p for p in modules["text_encoder"].parameters() if p.requires_grad],
-                       "lr": t.text_encoder_lr or t.lr, **({"weight_decay": 0.0} if token_only else {})})
+    token_only = t.train_token and not t.train_text_encoder  # no decay on untouched rows
+    for name in ("text_encoder", "text_encoder_2"):
+        if name in modules:
+            groups.append({"params": [p for p in modules[name].parameters() if p.requires_grad],
+                           "lr": t.text_encoder_lr or t.lr, **({"weight_decay": 0.0} if token_only else {})})
     kwargs = dict(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
     if t.optimizer == "adamw8bit":
         try:
@@ -301,6 +306,8 @@ def resolve_run_config(cfg: Config, model: BaseModel) -> Config:
     else:
         for problem in check_token(cfg.data.token, model.tokenizer):
             print(f"warning: token '{cfg.data.token}': {problem}")
+    if cfg.eval.subject_guidance and cfg.eval.every and model.kind == "sdxl":
+        raise TrainingError("eval.subject_guidance is for SD 1.x/2.x models; set it to 0 for SDXL")
     if cfg.train.train_token and cfg.train.mode == "lora":
         raise TrainingError("train.train_token is for full fine-tuning: a LoRA final/ does not "
                             "carry the text encoder's embeddings. Use train.train_text_encoder "
@@ -398,8 +405,9 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
             if use_prior and (cfg.prior.orthogonal_probes or cfg.prior.null_space) else None)
     if t.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
-        if "text_encoder" in modules:
-            model.text_encoder.gradient_checkpointing_enable()
+        for name in ("text_encoder", "text_encoder_2"):
+            if name in modules:
+                modules[name].gradient_checkpointing_enable()
     te_steps = t.text_encoder_steps or t.steps
     all_prompts = sorted(set(inst_prompts) | ({class_prompt} if use_prior else set()))
     frozen_cond = None  # prompt -> embedding, computed once the text encoder stops changing
@@ -411,8 +419,9 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
     names = list(modules)
     prepared = acc.prepare(*modules.values(), optimizer)
     wrapped, optimizer = dict(zip(names, prepared[:-1])), prepared[-1]
-    # The text encoder, when trained, runs through its accelerate wrapper (gradient sync).
-    te_model = replace(model, text_encoder=wrapped.get("text_encoder", model.text_encoder))
+    # The text encoders, when trained, run through their accelerate wrappers (gradient sync).
+    te_model = replace(model, text_encoder=wrapped.get("text_encoder", model.text_encoder),
+                       text_encoder_2=wrapped.get("text_encoder_2", model.text_encoder_2))
     weights = trainable_weights(modules)
     step, seconds = 0, 0.0
     if resume:
@@ -451,7 +460,7 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
     loss_value, stopped_early = float("nan"), False
     while step < end:
         started = time.perf_counter()
-        train_te = "text_encoder" in modules and step < te_steps
+        train_te = ("text_encoder" in modules or "text_encoder_2" in modules) and step < te_steps
         totals = torch.zeros(3, device=acc.device)
         for micro in range(accum):
             sync = contextlib.ExitStack()  # DDP: all-reduce gradients on the last micro-batch only

@@ -130,14 +130,17 @@ class Evaluator:
     def _generate(self, model, prompts: list[str], seeds: list[int], settings: dict | None = None) -> list:
         from dreambooth.sample import generate
 
-        e = self.cfg.eval
-        kw = {"steps": e.steps, "guidance": e.guidance, "scheduler": e.scheduler, **(settings or {})}
-        return generate(model, prompts, seeds, resolution=self.cfg.data.resolution,
-                        batch_size=max(1, self.cfg.prior.batch_size), **kw)
+        e, d = self.cfg.eval, self.cfg.data
+        kw = {"steps": e.steps, "guidance": e.guidance, "scheduler": e.scheduler,
+              "subject_guidance": e.subject_guidance, "subject_below": e.subject_guidance_below,
+              **(settings or {})}
+        return generate(model, prompts, seeds, resolution=d.resolution, token=d.token,
+                        class_noun=d.class_noun, batch_size=max(1, self.cfg.prior.batch_size), **kw)
 
     def __call__(self, model, name: str, step: int | None = None, **settings) -> dict:
         """Generate, save under samples/NAME/, score; return the record for metrics.jsonl.
-        ``settings`` (steps, guidance, scheduler, lora_scale) override the eval config's."""
+        ``settings`` (steps, guidance, scheduler, lora_scale, subject_guidance, subject_below)
+        override the eval config's."""
         import time
 
         from dreambooth.data import contact_sheet

@@ -75,3 +75,14 @@ def test_cli_reports_config_errors_without_traceback(capsys, tmp_path):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: config key 'train.lr' expects a number")
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("key, value, low, ok", [("sample.subject_guidance", "-1", "0", "0"),
+                                                 ("sample.steps", "0", "1", "1"),
+                                                 ("eval.guidance", "-0.5", "0", "0"),
+                                                 ("sweep.steps", "[10, 0]", "1", "[10, 1]"),
+                                                 ("sweep.subject_guidance", "[0, -2.5]", "0", "[0, 2.5]")])
+def test_numbers_below_their_minimum_are_refused(key, value, low, ok):
+    with pytest.raises(ConfigError, match=rf"'{key}(\[1\])?' must be at least {low}"):
+        build_config("tiny", overrides=[f"{key}={value}"])
+    build_config("tiny", overrides=[f"{key}={ok}"])  # the minimum itself is accepted

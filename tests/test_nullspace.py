@@ -7,7 +7,10 @@ from torch import nn
 from dreambooth import nullspace
 from dreambooth.train import TrainingError, train
 # the same tiny run as the probes' tests (tests/ is on sys.path: pytest's default import mode)
-from test_orthogonal import make_cfg, photos  # noqa: F401  (photos is a fixture)
+import test_orthogonal
+from test_orthogonal import make_cfg
+
+photos = test_orthogonal.photos  # the same fixture, under the name this module's tests ask for
 
 
 def randn(*shape, seed=0):

@@ -129,13 +129,14 @@ def test_sweep_ranks_saves_the_best_for_sample_and_resumes(runs, capsys):
     scores = [r["score"] for r in results["ranked"]]
     assert scores == sorted(scores, reverse=True)
     chosen = json.loads((run / "sample-settings.json").read_text())
-    keys = ("guidance", "steps", "scheduler", "lora_scale")
+    keys = ("guidance", "steps", "scheduler", "lora_scale", "subject_guidance", "subject_below")
     pick = {k: results["ranked"][0][k] for k in keys}
     held = results["held_out"]
     # the pick is adopted only when it also wins on the held-out prompts
     expected = pick if held["best"]["score"] >= held["default"]["score"] else results["default"]
     assert {k: chosen[k] for k in keys} == {k: expected[k] for k in keys}
     assert chosen["pick"] == pick
+    assert {k: results["adopted"][k] for k in keys} == {k: chosen[k] for k in keys}  # recorded in both
     assert (run / "sweep/grid.png").is_file() and "| 1 |" in (run / "sweep/results.md").read_text()
     first = run / "sweep/samples" / Setting(2.0, 2, "dpmpp", 0.5).name / "p00-seed2000.png"
     stamp = first.stat().st_mtime_ns
@@ -149,3 +150,62 @@ def test_sweep_ranks_saves_the_best_for_sample_and_resumes(runs, capsys):
     assert main(args + ["--set", "sweep.num_images=2"]) == 2
     assert "num_images: 1 -> 2" in capsys.readouterr().err
     assert first.stat().st_mtime_ns == stamp
+
+
+def test_grid_with_subject_guidance_names_ranks_and_tables():
+    from dreambooth.sweep import table
+
+    settings = grid([5.0], [10], ["dpmpp"], subject_guidance=[0, 2.5], subject_below=300)
+    off, on = settings
+    assert (off.subject_guidance, on.subject_guidance, on.subject_below) == (0.0, 2.5, 300)
+    assert off.name == "g5-s10-dpmpp-l1"  # the name sweeps always had: old sweep folders resume
+    assert on.name == "g5-s10-dpmpp-l1-h2.5-w300"
+    assert on.kwargs()["subject_guidance"] == 2.5 and on.kwargs()["subject_below"] == 300
+    tie = {on: {"fidelity": 0.5, "prompt_fidelity": 0.5}, off: {"fidelity": 0.6, "prompt_fidelity": 0.4}}
+    assert [s for s, _ in rank(tie)] == [off, on]  # a tie goes to the cheaper setting (no third pass)
+    md = table(rank(tie))
+    assert "subject guidance" in md.splitlines()[0] and "2.5 (t < 300)" in md
+    assert len({line.count("|") for line in md.splitlines()}) == 1  # every row has every column
+    assert "subject guidance" not in table(rank({off: tie[off]}))  # not searched: no column
+
+
+def test_sweep_searches_subject_guidance_and_sample_uses_the_pick(runs, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "full"
+    shutil.copytree(runs / "full", run)  # the sweep writes sample-settings.json into the run
+    args = ["sweep", str(run), "--dino", "tiny", "--clip", "tiny", "--set", "sweep.guidance=[4]",
+            "--set", "sweep.steps=[3]", "--set", "sweep.schedulers=[dpmpp]",
+            "--set", "sweep.subject_guidance=[0,30]", "--set", "sample.subject_guidance_below=1000",
+            "--set", "sweep.num_images=1", "--no-progress"]
+    assert main(args) == 0
+    results = json.loads((run / "sweep/results.json").read_text())
+    assert results["settings"] == 2 and {r["subject_guidance"] for r in results["ranked"]} == {0.0, 30.0}
+    on = Setting(4.0, 3, "dpmpp", 1.0, 30.0, 1000)
+    drawn = run / "sweep/samples" / on.name / "p00-seed2000.png"
+    from dreambooth.checkpoint import load_run_model
+
+    model, cfg = load_run_model(run)
+    prompts = [expand_prompt(p, "waj", "toy") for p in cfg.sweep.prompts]
+    expected = generate(model, prompts, [2000] * len(prompts), steps=3, guidance=4.0,  # batched as the sweep
+                        resolution=cfg.data.resolution, batch_size=max(1, cfg.prior.batch_size),
+                        subject_guidance=30.0, subject_below=1000, token="waj", class_noun="toy")[0]
+    assert np.array_equal(np.asarray(Image.open(drawn).convert("RGB")), np.asarray(expected))
+    off = run / "sweep/samples" / Setting(4.0, 3, "dpmpp", 1.0, 0.0, 1000).name / "p00-seed2000.png"
+    assert not np.array_equal(np.asarray(Image.open(off)), np.asarray(Image.open(drawn)))
+    chosen = json.loads((run / "sample-settings.json").read_text())
+    assert chosen["subject_guidance"] in (0.0, 30.0) and chosen["subject_below"] == 1000
+    capsys.readouterr()
+    out = tmp_path / "s"
+    assert main(["sample", str(run), "--prompt", "my toy", "--n", "1", "--out", str(out), "--no-progress"]) == 0
+    meta = Image.open(next(out.glob("0*.png"))).text
+    assert float(meta["subject_guidance"]) == chosen["subject_guidance"]
+    assert int(meta["subject_below"]) == chosen["subject_below"]
+
+
+@pytest.mark.parametrize("flag, value", [("--guidance", "-2"), ("--subject-guidance", "-0.5"),
+                                         ("--lora-scale", "-3"), ("--steps", "-1")])
+def test_sample_refuses_negative_settings(runs, tmp_path, capsys, flag, value):
+    assert main(["sample", str(runs / "full"), "--prompt", "my toy", flag, value,
+                 "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert flag in capsys.readouterr().err and not (tmp_path / "o").exists()

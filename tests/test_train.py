@@ -284,6 +284,40 @@ def test_lora_with_text_encoder_trains_and_reloads_both(photos, tmp_path):
     assert not torch.allclose(a, b, atol=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_sdxl_text_encoder_training_trains_both_encoders(photos, tmp_path, mode):
+    """SDXL conditions on two text encoders: train.train_text_encoder trains both, final/ keeps
+    both, and a kill + resume gives the same weights for each."""
+    from dreambooth.models import build_tiny
+
+    sets = ["train.train_text_encoder=true", "train.steps=2", "train.checkpoint_every=1",
+            *(["train.lr=5e-2"] if mode == "lora" else ["train.lr=1e-3"]), f"train.mode={mode}"]
+    straight = train(make_cfg(photos, *sets, model="tiny-sdxl"), tmp_path / "run", progress=False)
+    saved = weights_of(tmp_path / "run/checkpoints/step-000002")
+    for part in ("unet.", "text_encoder.", "text_encoder_2."):
+        assert any(k.startswith(part) for k in saved), part
+    if mode == "lora":
+        lora = load_file(str(straight.final / "pytorch_lora_weights.safetensors"))
+        assert any(k.startswith("text_encoder_2.") for k in lora)
+    tuned, base = load_run_model(tmp_path / "run")[0], build_tiny("tiny-sdxl")
+    ids = tuned.tokenizer_2(["a photo of waj toy"], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        a, b = tuned.text_encoder_2(ids).text_embeds, base.text_encoder_2(ids).text_embeds
+    assert not torch.allclose(a, b, atol=1e-4)  # the second encoder was trained and reloads so
+    first = train(make_cfg(photos, *sets, model="tiny-sdxl"), tmp_path / "split", progress=False,
+                  stop_after=1)
+    assert first.final is None
+    train(None, tmp_path / "split", resume=True, progress=False)
+    assert_same(saved, weights_of(tmp_path / "split/checkpoints/step-000002"))
+
+
+def test_sdxl_refuses_eval_subject_guidance_before_training(photos, tmp_path):
+    cfg = make_cfg(photos, "eval.every=1", "eval.subject_guidance=2", model="tiny-sdxl")
+    with pytest.raises(TrainingError, match="eval.subject_guidance is for SD 1.x/2.x"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run/checkpoints").exists()
+
+
 def test_train_token_moves_only_the_identifier_embedding(photos, tmp_path):
     """Pivotal tuning: the identifier's embedding row trains, every other text-encoder weight
     (other rows included) stays bit-identical, so prompts without the identifier are unchanged."""

@@ -87,6 +87,38 @@ def test_evaluation_is_deterministic(run, photos):
     assert a["dino"] == pytest.approx(logged["dino"], abs=1e-5)  # final/ reproduces its scores
 
 
+def test_eval_subject_guidance_draws_the_validation_samples_with_it(run):
+    """eval.subject_guidance reaches the validation samples (the images generate() draws with it),
+    changes the subject prompts' images and leaves the class prompt's alone (no identifier there)."""
+    import numpy as np
+    from PIL import Image
+
+    from dreambooth.sample import generate
+
+    run_dir, _ = run
+    model, cfg, _ = ckpt.load_checkpoint_model(run_dir, "final")
+    plain = Evaluator(cfg, run_dir)
+    plain(model, "sg-off")
+    cfg.eval.subject_guidance, cfg.eval.subject_guidance_below = 30.0, 1000
+    guided = Evaluator(cfg, run_dir)
+    guided(model, "sg-on")
+    pairs = [(p, s) for p in guided.prompts for s in guided.seeds]
+    expected = generate(model, [p for p, _ in pairs], [s for _, s in pairs], steps=cfg.eval.steps,
+                        guidance=cfg.eval.guidance, scheduler=cfg.eval.scheduler,
+                        resolution=cfg.data.resolution, batch_size=max(1, cfg.prior.batch_size),
+                        subject_guidance=30.0, subject_below=1000, token="waj", class_noun="toy")
+    pixels = lambda path: np.asarray(Image.open(path).convert("RGB"))
+    changed = 0
+    for (p, s), image in zip(pairs, expected):
+        name = f"p{guided.prompts.index(p):02d}-seed{s}.png"
+        assert np.array_equal(pixels(run_dir / "samples/sg-on" / name), np.asarray(image)), name
+        changed += not np.array_equal(pixels(run_dir / "samples/sg-on" / name),
+                                      pixels(run_dir / "samples/sg-off" / name))
+    assert changed == len(pairs)
+    for f in (run_dir / "samples/sg-on").glob("class-seed*.png"):
+        assert np.array_equal(pixels(f), pixels(run_dir / "samples/sg-off" / f.name)), f.name
+
+
 def test_resume_with_evaluation_gives_identical_weights(photos, tmp_path):
     straight = train(make_cfg(photos, "train.checkpoint_every=2"), tmp_path / "a", progress=False)
     train(make_cfg(photos, "train.checkpoint_every=2"), tmp_path / "b", progress=False, stop_after=3)

@@ -17,7 +17,8 @@ def run_settings(run: Path, cfg) -> dict:
     chosen = run / SETTINGS_FILE
     if chosen.is_file():
         saved = json.loads(chosen.read_text())
-        settings.update({k: saved[k] for k in ("steps", "guidance", "scheduler", "lora_scale") if k in saved})
+        settings.update({k: saved[k] for k in ("steps", "guidance", "scheduler", "lora_scale",
+                                               "subject_guidance", "subject_below") if k in saved})
         settings["source"] = f"{chosen.name} (chosen by `dreambooth sweep`)"
     return settings
 
@@ -76,6 +77,12 @@ def sample(run_dir: str, prompt: list[str] | None = None, prompts_file: str = ""
         raise DreamboothError(f"unknown scheduler '{scheduler}'; choose one of {', '.join(SCHEDULERS)}")
     if n < 1:
         raise DreamboothError("--n must be at least 1")
+    if steps < 0:
+        raise DreamboothError(f"--steps must be at least 1 (or 0: the run's default), got {steps}")
+    for flag, value in (("--guidance", guidance), ("--lora-scale", lora_scale),
+                        ("--subject-guidance", subject_guidance)):
+        if value < 0 and value != -1:
+            raise DreamboothError(f"{flag} must be 0 or more (or -1: the run's default), got {value:g}")
 
     model, cfg, name = load_checkpoint_model(run, checkpoint)
     settings = run_settings(run, cfg)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 def sweep(run_dir: str, checkpoint: str = "final", dino: str | None = None, clip: str | None = None,
           overrides: list[str] | None = None, progress: bool = True) -> int:
-    """Score guidance x steps x scheduler (x LoRA scale) on tuning prompts; save the best.
+    """Score guidance x steps x scheduler (x LoRA scale, x subject guidance) on tuning prompts; save the best.
 
     Each setting draws the same prompts and seeds; the evaluation metrics score them (world
     probes on the world model, DINO/CLIP-T with --dino/--clip). The ranked table, a grid image and
@@ -23,6 +23,7 @@ def sweep(run_dir: str, checkpoint: str = "final", dino: str | None = None, clip
         dino: local folder of facebook/dino-vits16 (or tiny)
         clip: local folder of openai/clip-vit-base-patch32 (or tiny)
         overrides: sweep settings, e.g. --set sweep.guidance=[3,5,7.5] --set sweep.schedulers=[dpmpp]
+            --set sweep.subject_guidance=[0,2.5] (SD 1.x/2.x)
         progress: show a progress bar
     """
     from dreambooth.commands.evaluate import open_run
@@ -31,15 +32,23 @@ def sweep(run_dir: str, checkpoint: str = "final", dino: str | None = None, clip
     run = Path(run_dir)
     model, cfg, _ = open_run(run, checkpoint, dino, clip, overrides, "sweep")
     sw = cfg.sweep
+    if any(sw.subject_guidance) and getattr(model, "text_encoder_2", None) is not None:
+        from dreambooth.errors import ConfigError
+
+        raise ConfigError("sweep.subject_guidance is for SD 1.x/2.x models; leave it at [0] for SDXL")
     lora = cfg.train.mode == "lora"
-    settings = grid(sw.guidance, sw.steps, sw.schedulers, sw.lora_scales if lora else (1.0,))
     s = cfg.sample  # the run's own defaults (not an earlier sweep's pick)
-    default = Setting(float(s.guidance), int(s.steps), s.scheduler, 1.0)
+    settings = grid(sw.guidance, sw.steps, sw.schedulers, sw.lora_scales if lora else (1.0,),
+                    sw.subject_guidance, s.subject_guidance_below)
+    default = Setting(float(s.guidance), int(s.steps), s.scheduler, 1.0, float(s.subject_guidance),
+                      int(s.subject_guidance_below))
     result = run_sweep(run, settings, model, cfg, default, progress=progress, checkpoint=checkpoint)
     print(result["table"])
     b, h = result["best"], result["held_out"]
     print(f"\nbest: {b['scheduler']}, {b['steps']} steps, guidance {b['guidance']:g}"
           + (f", LoRA scale {b['lora_scale']:g}" if lora else "")
+          + (f", subject guidance {b['subject_guidance']:g} below t = {b['subject_below']}"
+             if b["subject_guidance"] else "")
           + f" (score {b['score']:.4f}; {result['reused']} of {result['settings']} settings reused)")
     print(f"held-out prompts: best {h['best']['score']:.4f} vs the run's defaults {h['default']['score']:.4f}")
     a = result["adopted"]
