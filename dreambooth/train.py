@@ -375,12 +375,22 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
     if resume:
         cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     t = cfg.train
-    acc = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available())
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # SDXL conditions on each text encoder's penultimate layer, so when they train, the first
+    # one's last layer gets no gradient: DDP must look for such parameters or it stops at step 2.
+    ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if t.train_text_encoder else []
+    acc = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available(),
+                      kwargs_handlers=ddp)
     torch.manual_seed(t.seed)
 
     # 1. Model, identifier and resolved config (written before any heavy work).
     model = load_configured(cfg.model)
     cfg = resolve_run_config(cfg, model)
+    if not resume:  # bad photos fail here, before RUN_DIR holds a run that --out would refuse
+        from dreambooth.data import read_photos
+
+        read_photos(cfg.data.images, cfg.data.resolution)
     if acc.is_main_process and not resume:
         save_config(cfg, run_dir / "config.yaml")
     config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
@@ -426,17 +436,20 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
     step, seconds = 0, 0.0
     if resume:
         last = ckpt.latest_checkpoint(run_dir)
-        if last is None:
-            raise TrainingError(f"nothing to resume in {run_dir}: it has no complete checkpoint")
-        state = ckpt.load_checkpoint(last)
-        copy_weights(weights, state["weights"])
-        optimizer.load_state_dict(state["optimizer"])
-        lr_sched.load_state_dict(state["lr_scheduler"])
-        ckpt.set_rng_state(state["rng"])
-        step, seconds = state["state"]["step"], state["state"].get("seconds", 0.0)
-        if acc.is_main_process:
-            trim_metrics(run_dir / "metrics.jsonl", step)
-            print(f"resuming from {last} (step {step})")
+        if last is None:  # stopped before its first checkpoint: start it again from its config
+            if acc.is_main_process:
+                trim_metrics(run_dir / "metrics.jsonl", 0)
+                print(f"{run_dir} has no checkpoint yet: starting it from step 0 with its config.yaml")
+        else:
+            state = ckpt.load_checkpoint(last)
+            copy_weights(weights, state["weights"])
+            optimizer.load_state_dict(state["optimizer"])
+            lr_sched.load_state_dict(state["lr_scheduler"])
+            ckpt.set_rng_state(state["rng"])
+            step, seconds = state["state"]["step"], state["state"].get("seconds", 0.0)
+            if acc.is_main_process:
+                trim_metrics(run_dir / "metrics.jsonl", step)
+                print(f"resuming from {last} (step {step})")
 
     # 4. Evaluation (every eval.every steps, from the base model at step 0 on) and the loop.
     evaluator, history = None, []

@@ -90,13 +90,19 @@ def metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("mode, accum", [("full", 1), ("lora", 1), ("full", 2)],
-                         ids=["full", "lora", "full-accumulating"])
-def test_two_processes_of_batch_1_equal_one_of_batch_2(shared, tmp_path, monkeypatch, mode, accum):
+SDXL_ENCODERS = ["model.path=tiny-sdxl", "train.train_text_encoder=true"]
+
+
+@pytest.mark.parametrize("mode, accum, extra", [("full", 1, []), ("lora", 1, []), ("full", 2, []),
+                                                ("full", 1, SDXL_ENCODERS)],
+                         ids=["full", "lora", "full-accumulating", "full-sdxl-text-encoders"])
+def test_two_processes_of_batch_1_equal_one_of_batch_2(shared, tmp_path, monkeypatch, mode, accum, extra):
     """With accumulation the processes skip the all-reduce (no_sync) on all but the last
-    micro-batch of a step; the result must still equal one process."""
+    micro-batch of a step; the result must still equal one process. SDXL with its text encoders
+    trained has parameters that get no gradient (it conditions on each encoder's penultimate
+    layer): DDP must be told, or the second step stops with a reduction error."""
     photos, cache = shared
-    sets = [f"data.images={photos}", f"train.mode={mode}", f"train.grad_accum={accum}", *SETS]
+    sets = [f"data.images={photos}", f"train.mode={mode}", f"train.grad_accum={accum}", *SETS, *extra]
     monkeypatch.setenv("DREAMBOOTH_CACHE", str(cache))
     # The single process runs first and fills the class-image cache, so the two processes only
     # read it (the test is about training, not about two processes generating at once).
@@ -109,7 +115,7 @@ def test_two_processes_of_batch_1_equal_one_of_batch_2(shared, tmp_path, monkeyp
     if mode == "lora":
         assert all("lora" in k for k in one)
     diff = max((one[k] - two[k]).abs().max().item() for k in one)
-    moved = distance_from_start(two, mode)
+    moved = distance_from_start(two, mode, "tiny-sdxl" if extra else "tiny")
     assert diff < WEIGHT_TOL, f"max |weight diff| {diff:.3g} (measured ~1e-7)"
     assert moved > 1000 * WEIGHT_TOL, f"training barely moved the weights ({moved:.3g})"
 
@@ -121,12 +127,13 @@ def test_two_processes_of_batch_1_equal_one_of_batch_2(shared, tmp_path, monkeyp
     assert all(m["prior_loss"] > 0 for m in m2)
 
 
-def distance_from_start(weights, mode):
+def distance_from_start(weights, mode, model="tiny"):
     """How far training moved the weights: from the tiny UNet (full), from zero for LoRA's B
     matrices (peft starts them at zero so that the adapter starts as a no-op)."""
     if mode == "lora":
         return max(w.abs().max().item() for k, w in weights.items() if "lora_B" in k)
     from dreambooth.models import build_tiny
 
-    start = build_tiny().unet.state_dict()
-    return max((w - start[k.removeprefix("unet.")]).abs().max().item() for k, w in weights.items())
+    start = build_tiny(model).unet.state_dict()
+    return max((w - start[k.removeprefix("unet.")]).abs().max().item() for k, w in weights.items()
+               if k.startswith("unet."))

@@ -236,6 +236,33 @@ def test_train_command_refuses_to_overwrite_and_leaves_photos_alone(photos, tmp_
     assert saved.data.token == "waj" and saved.train.steps == 2
 
 
+def test_bad_photos_fail_before_the_run_directory_holds_a_run(photos, tmp_path, capsys):
+    """A wrong --images fails without writing config.yaml, so the same command, fixed, runs."""
+    from dreambooth.cli import main
+
+    args = ["train", "--class", "toy", "--token", "waj", "--preset", "tiny", "--set", "train.steps=1",
+            "--set", "prior.num_images=2", "--set", "prior.steps=2", "--out", str(tmp_path / "run"),
+            "--no-progress"]
+    assert main(args + ["--images", str(tmp_path / "no-such-folder")]) == 2
+    assert "photo folder not found" in capsys.readouterr().err
+    assert not (tmp_path / "run/config.yaml").exists()
+    assert main(args + ["--images", str(photos)]) == 0
+
+
+def test_resume_before_the_first_checkpoint_starts_from_step_0(photos, tmp_path):
+    """A run stopped before any checkpoint (killed while drawing class images, say) resumes by
+    starting over from its config.yaml, and ends with the weights of a run never stopped."""
+    sets = ("train.steps=2", "train.checkpoint_every=2")
+    straight = train(make_cfg(photos, *sets), tmp_path / "straight", progress=False)
+    stopped = train(make_cfg(photos, *sets), tmp_path / "split", progress=False, stop_after=0)
+    assert stopped.step == 0 and stopped.final is None
+    assert (tmp_path / "split/config.yaml").is_file() and not list((tmp_path / "split").glob("checkpoints/step-*"))
+    resumed = train(None, tmp_path / "split", resume=True, progress=False)
+    assert resumed.step == straight.step == 2 and resumed.final is not None
+    assert_same(weights_of(tmp_path / "straight/checkpoints/step-000002"),
+                weights_of(tmp_path / "split/checkpoints/step-000002"))
+
+
 def test_only_the_newest_checkpoints_are_kept(photos, tmp_path):
     train(make_cfg(photos, "train.steps=6", "train.keep_checkpoints=2"), tmp_path / "run", progress=False)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["step-000004", "step-000006"]
