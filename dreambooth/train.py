@@ -367,6 +367,7 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
     config.yaml. ``stop_after`` ends this invocation after that many steps, as if interrupted.
     """
     from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
     from diffusers.optimization import get_scheduler
 
     from dreambooth.prior import class_images, encode_images
@@ -375,8 +376,6 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
     if resume:
         cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     t = cfg.train
-    from accelerate.utils import DistributedDataParallelKwargs
-
     # SDXL conditions on each text encoder's penultimate layer, so when they train, the first
     # one's last layer gets no gradient: DDP must look for such parameters or it stops at step 2.
     ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if t.train_text_encoder else []
