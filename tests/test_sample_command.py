@@ -209,3 +209,15 @@ def test_sample_refuses_negative_settings(runs, tmp_path, capsys, flag, value):
     assert main(["sample", str(runs / "full"), "--prompt", "my toy", flag, value,
                  "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     assert flag in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_sweep_refuses_subject_guidance_on_sdxl_before_drawing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DREAMBOOTH_CACHE", str(tmp_path / "cache"))
+    photos = paint_subject(tmp_path / "photos", count=3)[0].parent
+    train(build_config("tiny", overrides=[f"data.images={photos}", "data.class_noun=toy", "data.token=waj",
+                                          "model.path=tiny-sdxl", "train.mode=lora", "train.steps=1",
+                                          "prior.num_images=2", "prior.steps=2"]), tmp_path / "run", progress=False)
+    assert main(["sweep", str(tmp_path / "run"), "--dino", "tiny", "--clip", "tiny",
+                 "--set", "sweep.subject_guidance=[0,2.5]", "--no-progress"]) == 2
+    assert "sweep.subject_guidance is for SD 1.x/2.x" in capsys.readouterr().err
+    assert not (tmp_path / "run/sweep/samples").exists()
