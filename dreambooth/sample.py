@@ -44,6 +44,13 @@ def make_scheduler(name: str, train_scheduler_config: Any):
     return classes[name].from_config(train_scheduler_config)
 
 
+def check_subject_guidance(model, h: float, key: str, off: str = "0") -> None:
+    """Subject guidance guides along what the identifier adds to one text encoder's embedding:
+    SD 1.x/2.x only. ``key`` and ``off`` name the setting and its off value in the error."""
+    if h and model.text_encoder_2 is not None:
+        raise ConfigError(f"{key} is for SD 1.x/2.x models; set it to {off} for SDXL")
+
+
 def generate(model: BaseModel, prompts: list[str], seeds: list[int], *, steps: int = 25,
              guidance: float = 7.5, negative_prompt: str | list[str] = "", resolution: int | None = None,
              scheduler: str = "dpmpp", batch_size: int = 4, lora_scale: float = 1.0,
@@ -71,8 +78,7 @@ def generate(model: BaseModel, prompts: list[str], seeds: list[int], *, steps: i
     if subject_guidance and not token:
         raise ValueError("subject_guidance needs the identifier (token=...): it guides along what the "
                          "identifier adds to each prompt")
-    if subject_guidance and model.text_encoder_2 is not None:
-        raise ConfigError("sample.subject_guidance is for SD 1.x/2.x models; set it to 0 for SDXL")
+    check_subject_guidance(model, subject_guidance, "sample.subject_guidance")
     pipe = model.pipeline(scheduler=make_scheduler(scheduler, model.scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     modules = [m for m in model.components().values() if isinstance(m, torch.nn.Module)]

@@ -31,7 +31,11 @@ from dreambooth.loss import draw_timestep, dreambooth_loss, min_snr_weights, off
 from dreambooth.models import (BaseModel, concat_cond, encode_latents, encode_prompts,
                                load_configured)
 from dreambooth.runlog import log_metrics, trim_metrics
+from dreambooth.sample import check_subject_guidance
 from dreambooth.selection import select_best, should_stop
+
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # module names; the second is SDXL's
 
 
 class TrainingError(DreamboothError):
@@ -235,7 +239,7 @@ def make_optimizer(cfg: Config, modules: dict[str, torch.nn.Module]) -> torch.op
     t = cfg.train
     groups = [{"params": [p for p in modules["unet"].parameters() if p.requires_grad], "lr": t.lr}]
     token_only = t.train_token and not t.train_text_encoder  # no decay on untouched rows
-    for name in ("text_encoder", "text_encoder_2"):
+    for name in TEXT_ENCODERS:
         if name in modules:
             groups.append({"params": [p for p in modules[name].parameters() if p.requires_grad],
                            "lr": t.text_encoder_lr or t.lr, **({"weight_decay": 0.0} if token_only else {})})
@@ -250,14 +254,13 @@ def make_optimizer(cfg: Config, modules: dict[str, torch.nn.Module]) -> torch.op
     return torch.optim.AdamW(groups, fused=torch.cuda.is_available(), **kwargs)
 
 
-def instance_data(cfg: Config, model: BaseModel) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
+def instance_data(cfg: Config, model: BaseModel, intake) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
     """Latents of the subject's photos (and their mirror images when flipping), their prompts,
     and their loss masks on the latent grid (None when no photo has a mask or ``data.masks`` is
-    off; a photo without one counts everywhere)."""
-    from dreambooth.data import read_photos, square_crop, to_tensor
+    off; a photo without one counts everywhere). ``intake``: ``read_photos`` of data.images."""
+    from dreambooth.data import square_crop, to_tensor
 
     d = cfg.data
-    intake = read_photos(d.images, d.resolution)
     for w in intake.warnings:
         print(f"warning: {w}")
     default = d.instance_prompt.format(token=d.token, **{"class": d.class_noun})
@@ -306,8 +309,8 @@ def resolve_run_config(cfg: Config, model: BaseModel) -> Config:
     else:
         for problem in check_token(cfg.data.token, model.tokenizer):
             print(f"warning: token '{cfg.data.token}': {problem}")
-    if cfg.eval.subject_guidance and cfg.eval.every and model.kind == "sdxl":
-        raise TrainingError("eval.subject_guidance is for SD 1.x/2.x models; set it to 0 for SDXL")
+    if cfg.eval.every:
+        check_subject_guidance(model, cfg.eval.subject_guidance, "eval.subject_guidance")
     if cfg.train.train_token and cfg.train.mode == "lora":
         raise TrainingError("train.train_token is for full fine-tuning: a LoRA final/ does not "
                             "carry the text encoder's embeddings. Use train.train_text_encoder "
@@ -370,6 +373,7 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
     from accelerate.utils import DistributedDataParallelKwargs
     from diffusers.optimization import get_scheduler
 
+    from dreambooth.data import read_photos
     from dreambooth.prior import class_images, encode_images
 
     run_dir = Path(run_dir)
@@ -386,10 +390,8 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
     # 1. Model, identifier and resolved config (written before any heavy work).
     model = load_configured(cfg.model)
     cfg = resolve_run_config(cfg, model)
-    if not resume:  # bad photos fail here, before RUN_DIR holds a run that --out would refuse
-        from dreambooth.data import read_photos
-
-        read_photos(cfg.data.images, cfg.data.resolution)
+    # read before config.yaml is written: bad photos must not leave a run that --out refuses
+    intake = read_photos(cfg.data.images, cfg.data.resolution)
     if acc.is_main_process and not resume:
         save_config(cfg, run_dir / "config.yaml")
     config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
@@ -400,7 +402,7 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
     model.unet.to(acc.device)
 
     # 2. Data, encoded once: instance latents, class latents, prompt embeddings.
-    inst_latents, inst_prompts, inst_masks = instance_data(cfg, model)
+    inst_latents, inst_prompts, inst_masks = instance_data(cfg, model, intake)
     class_prompt = cfg.data.class_prompt.format(**{"class": cfg.data.class_noun})
     use_prior = cfg.prior.enabled
     if use_prior:
@@ -414,7 +416,7 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
             if use_prior and (cfg.prior.orthogonal_probes or cfg.prior.null_space) else None)
     if t.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
-        for name in ("text_encoder", "text_encoder_2"):
+        for name in TEXT_ENCODERS:
             if name in modules:
                 modules[name].gradient_checkpointing_enable()
     te_steps = t.text_encoder_steps or t.steps
@@ -435,20 +437,17 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
     step, seconds = 0, 0.0
     if resume:
         last = ckpt.latest_checkpoint(run_dir)
-        if last is None:  # stopped before its first checkpoint: start it again from its config
-            if acc.is_main_process:
-                trim_metrics(run_dir / "metrics.jsonl", 0)
-                print(f"{run_dir} has no checkpoint yet: starting it from step 0 with its config.yaml")
-        else:
+        if last is not None:  # none: stopped before its first checkpoint, so it starts over
             state = ckpt.load_checkpoint(last)
             copy_weights(weights, state["weights"])
             optimizer.load_state_dict(state["optimizer"])
             lr_sched.load_state_dict(state["lr_scheduler"])
             ckpt.set_rng_state(state["rng"])
             step, seconds = state["state"]["step"], state["state"].get("seconds", 0.0)
-            if acc.is_main_process:
-                trim_metrics(run_dir / "metrics.jsonl", step)
-                print(f"resuming from {last} (step {step})")
+        if acc.is_main_process:
+            trim_metrics(run_dir / "metrics.jsonl", step)
+            print(f"resuming from {last} (step {step})" if last else
+                  f"{run_dir} has no checkpoint yet: starting it from step 0 with its config.yaml")
 
     # 4. Evaluation (every eval.every steps, from the base model at step 0 on) and the loop.
     evaluator, history = None, []
@@ -472,7 +471,7 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
     loss_value, stopped_early = float("nan"), False
     while step < end:
         started = time.perf_counter()
-        train_te = ("text_encoder" in modules or "text_encoder_2" in modules) and step < te_steps
+        train_te = any(name in modules for name in TEXT_ENCODERS) and step < te_steps
         totals = torch.zeros(3, device=acc.device)
         for micro in range(accum):
             sync = contextlib.ExitStack()  # DDP: all-reduce gradients on the last micro-batch only

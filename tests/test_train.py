@@ -10,6 +10,7 @@ from dreambooth import checkpoint as ckpt
 from dreambooth.checkpoint import load_run_model
 from dreambooth.commands.demo import paint_subject
 from dreambooth.config import build_config
+from dreambooth.errors import ConfigError
 from dreambooth.train import TrainingError, train
 
 
@@ -340,7 +341,7 @@ def test_sdxl_text_encoder_training_trains_both_encoders(photos, tmp_path, mode)
 
 def test_sdxl_refuses_eval_subject_guidance_before_training(photos, tmp_path):
     cfg = make_cfg(photos, "eval.every=1", "eval.subject_guidance=2", model="tiny-sdxl")
-    with pytest.raises(TrainingError, match="eval.subject_guidance is for SD 1.x/2.x"):
+    with pytest.raises(ConfigError, match="eval.subject_guidance is for SD 1.x/2.x"):
         train(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run/checkpoints").exists()
 

@@ -27,15 +27,13 @@ def sweep(run_dir: str, checkpoint: str = "final", dino: str | None = None, clip
         progress: show a progress bar
     """
     from dreambooth.commands.evaluate import open_run
+    from dreambooth.sample import check_subject_guidance
     from dreambooth.sweep import Setting, grid, run_sweep
 
     run = Path(run_dir)
     model, cfg, _ = open_run(run, checkpoint, dino, clip, overrides, "sweep")
     sw = cfg.sweep
-    if any(sw.subject_guidance) and getattr(model, "text_encoder_2", None) is not None:
-        from dreambooth.errors import ConfigError
-
-        raise ConfigError("sweep.subject_guidance is for SD 1.x/2.x models; leave it at [0] for SDXL")
+    check_subject_guidance(model, any(sw.subject_guidance), "sweep.subject_guidance", "[0]")
     lora = cfg.train.mode == "lora"
     s = cfg.sample  # the run's own defaults (not an earlier sweep's pick)
     settings = grid(sw.guidance, sw.steps, sw.schedulers, sw.lora_scales if lora else (1.0,),
