@@ -123,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the machine's answer (permissions, a full disk, a vanished file), not a bug
+        where = f" {e.filename}" if e.filename else ""
+        print(f"error:{where}: {e.strerror or e}", file=sys.stderr)
+        return 2
     return int(code or 0)
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dreambooth.errors import DreamboothError
+from dreambooth.files import DiskFullError, atomic_dir, atomic_file, published_stem, write_text_atomic
+from dreambooth.prompts import fill_prompt
 
 FORMATS = {
     "diffusers": "a diffusers pipeline folder (from_pretrained); for a LoRA run, the base model "
@@ -84,12 +86,15 @@ def default_output(run_dir: Path, checkpoint: str, fmt: str, dtype: str) -> Path
     return name.with_name(name.name + ".safetensors") if fmt in FILE_FORMATS else name
 
 
-def check_output(out: Path, fmt: str) -> None:
+def check_output(out: Path, fmt: str, photos: str = "") -> None:
+    from dreambooth.rundir import refuse_inside_photos
+
     if fmt in FILE_FORMATS and out.suffix != ".safetensors":
         raise ExportError(f"--format {fmt} writes one file: give --out a path ending in .safetensors "
                           f"(got {out})")
-    if out.exists():
+    if out.exists() or out.is_symlink():
         raise ExportError(f"{out} already exists; remove it or choose another --out")
+    refuse_inside_photos(out, photos, "the export path")
 
 
 def info_path(out: Path) -> Path:
@@ -146,7 +151,7 @@ def write_lora_kohya(model, out: Path, dtype) -> None:
     save_file(to_kohya(layers, model.kind, dtype), str(out), metadata={  # what A1111 shows of a LoRA
         "ss_network_module": "networks.lora", "ss_network_dim": str(first.rank),
         "ss_network_alpha": f"{first.alpha:g}", "ss_base_model_version": KOHYA_BASE_VERSION[model.kind],
-        "ss_output_name": out.stem})
+        "ss_output_name": published_stem(out)})
 
 
 WRITERS: dict[str, Callable] = {
@@ -158,7 +163,7 @@ WRITERS: dict[str, Callable] = {
 # ---------------------------------------------------------------- readers: files -> model
 
 
-def reload(fmt: str, out: Path, cfg, config_dir: Path | None):
+def reload(fmt: str, out: Path, cfg, config_dir: Path | None, trust_pickle: bool = False):
     """The exported model, read back as its consumer would (float32)."""
     from dreambooth.models import load_base_model, load_configured
 
@@ -168,7 +173,7 @@ def reload(fmt: str, out: Path, cfg, config_dir: Path | None):
         from dreambooth.single_file import load_single_file
 
         return load_single_file(out, config=config_dir)
-    base = load_configured(cfg.model)
+    base = load_configured(cfg.model, trust_pickle=trust_pickle)
     base.pipeline().load_lora_weights(str(out))
     return base
 
@@ -203,10 +208,7 @@ def max_pixel_diff(a, b) -> int:
 def verify_settings(cfg, prompt: str) -> dict[str, Any]:
     """What the verification image is drawn with: the run's sample settings, few steps."""
     d = cfg.data
-    try:
-        prompt = (prompt or cfg.sample.prompts[0]).format(token=d.token, **{"class": d.class_noun})
-    except (KeyError, IndexError, ValueError):
-        raise ExportError(f"--prompt '{prompt}': the only placeholders are {{token}} and {{class}}") from None
+    prompt = fill_prompt(prompt or (cfg.sample.prompts or ["a photo of {token} {class}"])[0], d.token, d.class_noun)
     return {"prompt": prompt, "seed": cfg.sample.seed,
             "steps": VERIFY_STEPS, "guidance": cfg.sample.guidance, "scheduler": cfg.sample.scheduler,
             "resolution": d.resolution}
@@ -215,50 +217,67 @@ def verify_settings(cfg, prompt: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- the whole export
 
 
-def export_run(run_dir: str | Path, fmt: str = "diffusers", out: str | Path = "", dtype: str = "fp32",
-               checkpoint: str = "final", scale: float = 1.0, prompt: str = "",
-               tolerance: float | None = None, log: Callable[[str], None] = print) -> ExportResult:
-    """Write ``checkpoint`` of the run in ``run_dir`` as ``fmt`` and verify it (see module doc)."""
-    import yaml
-
-    from dreambooth.checkpoint import load_checkpoint_model
-    from dreambooth.lora import scale_lora
+def write_and_reload(model, fmt: str, out: Path, dtype, cfg, settings: dict, log: Callable[[str], None],
+                     trust_pickle: bool = False):
+    """Write ``model`` as ``fmt`` under a temporary name beside ``out``, draw the verification
+    image from the files as their consumer reads them, then rename them to ``out``. Returns the
+    image. A full disk is an ExportError that says nothing was left behind."""
     from dreambooth.single_file import write_configs
 
-    run_dir = Path(run_dir)
-    config_yaml = run_dir / "config.yaml"
-    if not config_yaml.is_file():
-        raise ExportError(f"{run_dir} is not a run directory (no config.yaml); train one with "
-                          "`dreambooth train --out RUN_DIR`")
-    mode = (yaml.safe_load(config_yaml.read_text()).get("train") or {}).get("mode", "full")
+    drawn = []
+
+    def write(tmp: Path) -> None:
+        with tempfile.TemporaryDirectory(prefix="dreambooth-export-") as scratch:
+            # a single file is read back with this model's own configs (it may be any size)
+            config_dir = write_configs(model, Path(scratch) / "configs") if fmt == "single-file" else None
+            WRITERS[fmt](model, tmp, dtype)
+            log(f"wrote {out}; verifying ...")
+            drawn.append(render(reload(fmt, tmp, cfg, config_dir, trust_pickle), settings))
+
+    try:
+        (atomic_file if fmt in FILE_FORMATS else atomic_dir)(out, write)
+    except DiskFullError as e:
+        raise ExportError(f"{e}: free space and export again") from None
+    return drawn[0]
+
+
+
+def export_run(run_dir: str | Path, fmt: str = "diffusers", out: str | Path = "", dtype: str = "fp32",
+               checkpoint: str = "final", scale: float = 1.0, prompt: str = "",
+               tolerance: float | None = None, log: Callable[[str], None] = print,
+               trust_pickle: bool = False) -> ExportResult:
+    """Write ``checkpoint`` of the run in ``run_dir`` as ``fmt`` and verify it (see module doc).
+    The output is written and verified under a temporary name and renamed into place, so a kill
+    or a full disk leaves no partial export under ``out``."""
+    from dreambooth.checkpoint import load_checkpoint_model
+    from dreambooth.config import load_config
+    from dreambooth.lora import scale_lora
+    from dreambooth.rundir import require_run
+
+    run_dir = require_run(run_dir)
+    run_cfg = load_config(run_dir / "config.yaml")
+    mode = run_cfg.train.mode
     check_request(fmt, mode, scale, run_dir)
     dt = torch_dtype(dtype)
     tol = TOLERANCE[dtype] if tolerance is None or tolerance < 0 else float(tolerance)
     if out:  # refuse a bad --out before minutes of loading
-        check_output(Path(out), fmt)
+        check_output(Path(out), fmt, run_cfg.data.images)
 
-    model, cfg, name = load_checkpoint_model(run_dir, checkpoint)
+    model, cfg, name = load_checkpoint_model(run_dir, checkpoint, trust_pickle)
     out = Path(out) if out else default_output(run_dir, name, fmt, dtype)
-    check_output(out, fmt)
+    check_output(out, fmt, cfg.data.images)
     if mode == "lora":
         scale_lora(model, scale)
     settings = verify_settings(cfg, prompt)
     started = time.perf_counter()
     reference = render(model, settings)
-
-    with tempfile.TemporaryDirectory(prefix="dreambooth-export-") as tmp:
-        # a single file is read back with this model's own configs (it may be any size)
-        config_dir = write_configs(model, Path(tmp) / "configs") if fmt == "single-file" else None
-        WRITERS[fmt](model, out, dt)
-        del model
-        log(f"wrote {out}; verifying ...")
-        exported = render(reload(fmt, out, cfg, config_dir), settings)
+    exported = write_and_reload(model, fmt, out, dt, cfg, settings, log, trust_pickle)
     diff = max_pixel_diff(reference, exported)
     info = {"format": fmt, "dtype": dtype, "checkpoint": name, "source_run": str(run_dir.resolve()),
             "base_model": cfg.model.path, "mode": mode, "scale": scale, "output": str(out.resolve()),
             "verified": diff <= tol, "max_pixel_diff": diff, "tolerance": tol,
             "verify": settings, "seconds": round(time.perf_counter() - started, 2)}
-    info_path(out).write_text(json.dumps(info, indent=1))
+    write_text_atomic(info_path(out), json.dumps(info, indent=1))
     if diff > tol:
         raise ExportError(
             f"verification failed: the export at {out} draws an image up to {diff} levels (0-255) "

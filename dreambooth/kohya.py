@@ -32,12 +32,15 @@ def kohya_name(key: str, kind: str) -> str:
     """``"unet.down_blocks.0....to_q"`` -> ``"lora_unet_down_blocks_0_..._to_q"``.
 
     Text encoder paths are written under ``text_model`` whether or not the installed
-    transformers nests ``CLIPTextModel`` that way (it stopped in 5.6): the files stay the same.
+    transformers nests ``CLIPTextModel`` that way (it stopped in 5.6): the files stay the same
+    (``hf_names.text_model_path``, the rule the diffusers-format LoRA and folders share).
     """
+    from dreambooth.hf_names import text_model_path
+
     component, _, path = key.partition(".")
     prefix = (SDXL_PREFIXES if kind == "sdxl" else PREFIXES)[component]
-    if component != "unet" and not path.startswith(("text_model.", "text_projection")):
-        path = "text_model." + path
+    if component != "unet":
+        path = text_model_path(path)
     return f"{prefix}_{path.replace('.', '_')}"
 
 

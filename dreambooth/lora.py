@@ -90,12 +90,18 @@ def merge_lora(model: BaseModel, scale: float = 1.0) -> None:
 def diffusers_lora_layers(layers: dict[str, LoraLayer], dtype=None) -> dict[str, dict[str, Any]]:
     """``{component: state dict}`` for ``save_lora_weights`` (keys ``<path>.lora.down.weight``
     etc., as diffusers writes them). That format has no alpha: ``alpha / r`` is folded into the
-    up weights, so the file loads at the right strength in any diffusers version."""
+    up weights, so the file loads at the right strength in any diffusers version. Text-encoder
+    paths are written under ``text_model.`` whatever the installed transformers nests
+    (``hf_names.text_model_path``): diffusers on transformers 4.x reads only those, 5.x both."""
     from diffusers.utils import convert_state_dict_to_diffusers
+
+    from dreambooth.hf_names import text_model_path
 
     peft_style: dict[str, dict[str, Any]] = {}
     for key, layer in layers.items():
         component, _, path = key.partition(".")
+        if component != "unet":
+            path = text_model_path(path)
         up = layer.up * (layer.alpha / layer.rank)
         part = peft_style.setdefault(component, {})
         part[f"{path}.lora_A.weight"] = layer.down.to(dtype or layer.down.dtype).contiguous()

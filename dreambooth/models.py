@@ -68,9 +68,19 @@ class BaseModel:
         )
 
     def save(self, folder: str | Path) -> Path:
-        """Write a diffusers folder that ``DiffusionPipeline.from_pretrained`` loads."""
+        """Write a diffusers folder that ``DiffusionPipeline.from_pretrained`` loads, under
+        transformers 4.x as well as 5.x: CLIP text-encoder weights keep the ``text_model.``
+        level and the tokenizers carry ``vocab.json``/``merges.txt`` (``dreambooth.hf_names``)."""
+        from dreambooth.hf_names import make_folder_portable
+
         folder = Path(folder)
+        for tokenizer in (self.tokenizer, self.tokenizer_2):  # else tokenizer.json records the
+            backend = getattr(tokenizer, "backend_tokenizer", None)  # last call's padding and
+            if backend is not None:  # truncation, and the same model is saved to other bytes
+                backend.no_padding()
+                backend.no_truncation()
         self.pipeline().save_pretrained(folder, safe_serialization=True)
+        make_folder_portable(folder, {"tokenizer": self.tokenizer, "tokenizer_2": self.tokenizer_2})
         return folder
 
     def identity(self) -> str:
@@ -195,7 +205,12 @@ def check_model_folder(folder: Path) -> dict:
             f"{folder} is not a diffusers model folder: model_index.json is missing "
             f"(found: {found}). Expected {EXPECTED}."
         )
-    index = json.loads(index_path.read_text())
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{index_path} cannot be read ({e}): the folder is damaged; copy it again") from None
+    if not isinstance(index, dict):
+        raise ModelError(f"{index_path} is not a diffusers model index (a JSON object): copy the folder again")
     needed = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
     if "text_encoder_2" in index:
         needed += ["text_encoder_2", "tokenizer_2"]
@@ -206,6 +221,29 @@ def check_model_folder(folder: Path) -> dict:
             f"A Stable Diffusion folder holds {EXPECTED}."
         )
     return index
+
+
+def check_weight_files(folder: Path, parts: list[str], trust_pickle: bool = False) -> bool:
+    """Whether every weight folder in ``parts`` holds ``.safetensors`` weights (then only those
+    are read). A part with only pickle weights (``.bin``/``.pt``/``.ckpt``) is refused unless
+    ``trust_pickle`` (this invocation's --trust-pickle); a part with no weights is an error."""
+    pickled = []
+    for part in parts:
+        files = [f for f in (folder / part).iterdir() if f.is_file()]
+        if any(f.suffix == ".safetensors" for f in files):
+            continue
+        found = [f.name for f in files if f.suffix.lower() in PICKLE_SUFFIXES]
+        if not found:
+            raise ModelError(f"{folder / part} holds no weights (no .safetensors file): the folder "
+                             "is incomplete; copy it again")
+        pickled.append(f"{part}/{found[0]}")
+    if pickled and not trust_pickle:
+        raise ModelError(
+            f"{folder} stores {', '.join(pickled)} as pickle, and reading pickle can run code "
+            "hidden in the file, so it is refused. Convert the folder to .safetensors (e.g. "
+            "`pipe.save_pretrained(DIR, safe_serialization=True)` on a machine you trust), or pass "
+            "--trust-pickle on this command if you trust its source")
+    return not pickled
 
 
 def load_base_model(path: str, kind: str = "auto", prediction_type: str = "auto",
@@ -227,34 +265,7 @@ def load_base_model(path: str, kind: str = "auto", prediction_type: str = "auto"
 
         model = load_single_file(Path(path).expanduser(), kind=kind, trust_pickle=trust_pickle)
     else:
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-        folder = Path(path).expanduser()
-        index = check_model_folder(folder)
-        detected = _detect_kind(folder, index)
-        if kind not in ("auto", detected):
-            raise ModelError(f"{folder} looks like {detected}, but the config says model.kind={kind}")
-        import torch
-
-        opts = dict(local_files_only=True)
-        fp32 = dict(opts, torch_dtype=torch.float32)  # weights stored in fp16 load as fp32
-        fp32_tf = dict(opts, dtype=torch.float32)
-        extra = {}
-        if detected == "sdxl":
-            extra = dict(
-                text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
-                    folder, subfolder="text_encoder_2", **fp32_tf),
-                tokenizer_2=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2", **opts),
-            )
-        model = BaseModel(
-            unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **fp32),
-            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", **fp32),
-            text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **fp32_tf),
-            tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **opts),
-            scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler", **opts),
-            kind=detected, source=str(folder), **extra,
-        )
+        model = load_folder(Path(path).expanduser(), kind, trust_pickle)
     if prediction_type != "auto" and prediction_type != model.prediction_type:
         from diffusers import DDPMScheduler
 
@@ -262,10 +273,55 @@ def load_base_model(path: str, kind: str = "auto", prediction_type: str = "auto"
     return model
 
 
-def load_configured(model_cfg) -> BaseModel:
-    """The base model a config's ``model`` section names (path, kind, prediction type, pickle trust)."""
+def load_folder(folder: Path, kind: str = "auto", trust_pickle: bool = False) -> BaseModel:
+    """A local diffusers folder as a ``BaseModel`` (float32). A part that cannot be read (a
+    damaged weight file, a broken config) is a ModelError naming that part."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    index = check_model_folder(folder)
+    detected = read_part(folder, "text_encoder", lambda: _detect_kind(folder, index))
+    if kind not in ("auto", detected):
+        raise ModelError(f"{folder} looks like {detected}, but the config says model.kind={kind}")
+    parts = [p for p in ("unet", "vae", "text_encoder", "text_encoder_2") if p in index]
+    safe = check_weight_files(folder, parts, trust_pickle)
+    opts = dict(local_files_only=True)
+    fp32 = dict(opts, torch_dtype=torch.float32, use_safetensors=safe or None)  # fp16 weights load as fp32
+    fp32_tf = dict(opts, dtype=torch.float32, use_safetensors=safe or None)
+    loaders = {
+        "unet": lambda: UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **fp32),
+        "vae": lambda: AutoencoderKL.from_pretrained(folder, subfolder="vae", **fp32),
+        "text_encoder": lambda: CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **fp32_tf),
+        "tokenizer": lambda: CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **opts),
+        "scheduler": lambda: DDPMScheduler.from_pretrained(folder, subfolder="scheduler", **opts),
+    }
+    if detected == "sdxl":
+        loaders["text_encoder_2"] = lambda: CLIPTextModelWithProjection.from_pretrained(
+            folder, subfolder="text_encoder_2", **fp32_tf)
+        loaders["tokenizer_2"] = lambda: CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2", **opts)
+    loaded = {name: read_part(folder, name, load) for name, load in loaders.items()}
+    return BaseModel(**loaded, kind=detected, source=str(folder))
+
+
+def read_part(folder: Path, part: str, load):
+    """``load()``, with any failure turned into a ModelError naming ``folder/part``."""
+    try:
+        return load()
+    except ModelError:
+        raise
+    except Exception as e:  # the libraries raise many kinds for a damaged file
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        raise ModelError(f"{folder / part} cannot be read ({type(e).__name__}: {reason}). The folder "
+                         "is damaged or incomplete: copy it again (a run's final/ is rebuilt by "
+                         "`dreambooth train --resume RUN_DIR`)") from None
+
+
+def load_configured(model_cfg, trust_pickle: bool = False) -> BaseModel:
+    """The base model a config's ``model`` section names (path, kind, prediction type).
+    ``trust_pickle`` comes from this invocation's command line, never from a file."""
     return load_base_model(model_cfg.path, model_cfg.kind, model_cfg.prediction_type,
-                           trust_pickle=model_cfg.trust_pickle)
+                           trust_pickle=trust_pickle)
 
 
 # ---------------------------------------------------------------- conditioning

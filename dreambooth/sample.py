@@ -14,6 +14,7 @@ import torch
 
 from dreambooth.errors import ConfigError
 from dreambooth.models import BaseModel
+from dreambooth.prompts import fill_prompt
 
 SCHEDULERS = ("dpmpp", "unipc", "ddim", "ddpm")
 
@@ -172,7 +173,7 @@ def expand_prompt(prompt: str, token: str, class_noun: str) -> str:
     import re
 
     if "{token}" in prompt or "{class}" in prompt:
-        return prompt.replace("{token}", token).replace("{class}", class_noun)
+        return fill_prompt(prompt, token, class_noun)
     return re.sub(rf"\bmy\s+{re.escape(class_noun)}\b", f"{token} {class_noun}", prompt,
                   flags=re.IGNORECASE)
 

@@ -35,7 +35,7 @@ def read_checkpoint(path: Path, trust_pickle: bool = False) -> tuple[dict[str, A
             raise ModelError(
                 f"{path} is a pickle checkpoint ({suffix}); reading one can run arbitrary code hidden "
                 "in the file, so it is refused. Convert it to .safetensors (e.g. with a trusted "
-                "tool), or pass --trust-pickle (model.trust_pickle=true) if you trust its source.")
+                "tool), or pass --trust-pickle on this command if you trust its source.")
         state = torch.load(path, map_location="cpu", weights_only=False)
         while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]  # Lightning checkpoints nest the weights

@@ -25,11 +25,14 @@ from tqdm.auto import tqdm
 
 from dreambooth import checkpoint as ckpt
 from dreambooth import nullspace, orthogonal
-from dreambooth.config import Config, config_from_dict, save_config
+from dreambooth.config import Config, load_config, save_config
 from dreambooth.errors import DreamboothError
 from dreambooth.loss import draw_timestep, dreambooth_loss, min_snr_weights, offset_noise, snr, training_target
 from dreambooth.models import (BaseModel, concat_cond, encode_latents, encode_prompts,
                                load_configured)
+from dreambooth.files import DiskFullError, atomic_dir, checksums
+from dreambooth.prompts import fill_prompt
+from dreambooth.rundir import refuse_inside_photos, writer_lock
 from dreambooth.runlog import log_metrics, trim_metrics
 from dreambooth.sample import check_subject_guidance
 from dreambooth.selection import select_best, should_stop
@@ -203,6 +206,14 @@ def refuse_larger_than_free(need: int, what: str, fix: str) -> None:
                             f"{free / 2**30:.1f} GiB free. {fix}")
 
 
+def encode_bytes(model: BaseModel, resolution: int) -> int:
+    """A floor on the memory the VAE needs to encode one ``resolution`` photo: four float32
+    activations of its first block at full size are alive at once (input, norm, conv output,
+    residual). The memory planner refines this; here it keeps a mistyped resolution from
+    allocating until the kernel kills the process."""
+    return 4 * model.vae.config.block_out_channels[0] * resolution**2 * 4
+
+
 def train_token_only(text_encoder, tokenizer, token: str) -> None:
     """Freeze the text encoder except the input-embedding rows of ``token``'s BPE pieces: the
     embedding matrix is trainable, and a gradient hook zeroes every other row (with Adam and no
@@ -263,12 +274,11 @@ def instance_data(cfg: Config, model: BaseModel, intake) -> tuple[torch.Tensor, 
     d = cfg.data
     for w in intake.warnings:
         print(f"warning: {w}")
-    default = d.instance_prompt.format(token=d.token, **{"class": d.class_noun})
+    default = fill_prompt(d.instance_prompt, d.token, d.class_noun)
     use_masks = d.masks and any(p.mask is not None for p in intake.photos)
     crops, prompts, masks = [], [], []
     for photo in intake.photos:
-        prompt = photo.caption.format(token=d.token, **{"class": d.class_noun}) \
-            if (photo.caption and d.captions) else default
+        prompt = fill_prompt(photo.caption, d.token, d.class_noun) if (photo.caption and d.captions) else default
         for flip in ((False, True) if d.flip > 0 else (False,)):
             crops.append(square_crop(photo.image, d.resolution, crop="center", flip=flip))
             prompts.append(prompt)
@@ -363,12 +373,20 @@ def resolve_run_config(cfg: Config, model: BaseModel) -> Config:
 
 
 def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
-          stop_after: int | None = None) -> TrainResult:
+          stop_after: int | None = None, trust_pickle: bool = False) -> TrainResult:
     """Fine-tune ``cfg.model.path`` on the photos in ``cfg.data.images``; write RUN_DIR.
 
-    ``resume`` continues from the newest complete checkpoint in ``run_dir`` with the run's own
-    config.yaml. ``stop_after`` ends this invocation after that many steps, as if interrupted.
+    ``resume`` continues from the newest checkpoint in ``run_dir`` that verifies, with the run's
+    own config.yaml. ``stop_after`` ends this invocation after that many steps, as if
+    interrupted. ``trust_pickle`` (this invocation's --trust-pickle, never a file's) allows a
+    pickle base model. One process writes a run directory at a time (``rundir.writer_lock``).
     """
+    with contextlib.ExitStack() as held:
+        return _train(cfg, Path(run_dir), held, resume, progress, stop_after, trust_pickle)
+
+
+def _train(cfg: Config | None, run_dir: Path, held: contextlib.ExitStack, resume: bool, progress: bool,
+           stop_after: int | None, trust_pickle: bool) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
     from diffusers.optimization import get_scheduler
@@ -376,23 +394,30 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
     from dreambooth.data import read_photos
     from dreambooth.prior import class_images, encode_images
 
-    run_dir = Path(run_dir)
     if resume:
-        cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        cfg = load_config(run_dir / "config.yaml")
+    refuse_inside_photos(run_dir, cfg.data.images, "the run directory")
     t = cfg.train
     # SDXL conditions on each text encoder's penultimate layer, so when they train, the first
     # one's last layer gets no gradient: DDP must look for such parameters or it stops at step 2.
     ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if t.train_text_encoder else []
     acc = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available(),
                       kwargs_handlers=ddp)
+    if resume and acc.is_main_process:  # before the checkpoints and the log are read
+        held.enter_context(writer_lock(run_dir))
     torch.manual_seed(t.seed)
 
     # 1. Model, identifier and resolved config (written before any heavy work).
-    model = load_configured(cfg.model)
+    model = load_configured(cfg.model, trust_pickle)
     cfg = resolve_run_config(cfg, model)
     # read before config.yaml is written: bad photos must not leave a run that --out refuses
     intake = read_photos(cfg.data.images, cfg.data.resolution)
+    refuse_larger_than_free(encode_bytes(model, cfg.data.resolution),
+                            f"data.resolution={cfg.data.resolution} (encoding one photo at this size)",
+                            "Lower data.resolution (the model's native size is usual: 512 for SD 1.x, "
+                            "768 for SD 2.x, 1024 for SDXL)")
     if acc.is_main_process and not resume:
+        held.enter_context(writer_lock(run_dir))
         save_config(cfg, run_dir / "config.yaml")
     config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     low = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
@@ -403,7 +428,7 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
 
     # 2. Data, encoded once: instance latents, class latents, prompt embeddings.
     inst_latents, inst_prompts, inst_masks = instance_data(cfg, model, intake)
-    class_prompt = cfg.data.class_prompt.format(**{"class": cfg.data.class_noun})
+    class_prompt = fill_prompt(cfg.data.class_prompt, cfg.data.token, cfg.data.class_noun)
     use_prior = cfg.prior.enabled
     if use_prior:
         with acc.main_process_first():  # one process generates and encodes; the rest reuse them
@@ -435,18 +460,19 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
                        text_encoder_2=wrapped.get("text_encoder_2", model.text_encoder_2))
     weights = trainable_weights(modules)
     step, seconds = 0, 0.0
+    loss_value = float("nan")
     if resume:
-        last = ckpt.latest_checkpoint(run_dir)
-        if last is not None:  # none: stopped before its first checkpoint, so it starts over
-            state = ckpt.load_checkpoint(last)
+        state = ckpt.resume_checkpoint(run_dir)
+        if state is not None:  # none: stopped before its first checkpoint, so it starts over
             copy_weights(weights, state["weights"])
             optimizer.load_state_dict(state["optimizer"])
             lr_sched.load_state_dict(state["lr_scheduler"])
             ckpt.set_rng_state(state["rng"])
             step, seconds = state["state"]["step"], state["state"].get("seconds", 0.0)
+            loss_value = state["state"].get("loss", loss_value)
         if acc.is_main_process:
             trim_metrics(run_dir / "metrics.jsonl", step)
-            print(f"resuming from {last} (step {step})" if last else
+            print(f"resuming from {state['path']} (step {step})" if state else
                   f"{run_dir} has no checkpoint yet: starting it from step 0 with its config.yaml")
 
     # 4. Evaluation (every eval.every steps, from the base model at step 0 on) and the loop.
@@ -468,7 +494,7 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
     halves = [(inst_latents, inst_prompts, inst_masks)]  # the batch: instance half, then class half
     if use_prior:
         halves.append((class_latents, [class_prompt] * len(class_latents), None))
-    loss_value, stopped_early = float("nan"), False
+    stopped_early = False
     while step < end:
         started = time.perf_counter()
         train_te = any(name in modules for name in TEXT_ENCODERS) and step < te_steps
@@ -546,12 +572,13 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
             acc.wait_for_everyone()
             if acc.is_main_process:
                 best = select_best(history, cfg.eval.prompt_floor)
-                ckpt.save_checkpoint(
-                    run_dir, step, weights=weights, optimizer_state=optimizer.state_dict(),
-                    lr_scheduler_state=lr_sched.state_dict(),
-                    state={"data_position": step * accum * world * b, "loss": loss_value,
-                           "seconds": seconds}, config_yaml=config_yaml, keep=t.keep_checkpoints,
-                    protect=frozenset({best.step} if best else ()))
+                with disk_full_advice(run_dir):
+                    ckpt.save_checkpoint(
+                        run_dir, step, weights=weights, optimizer_state=optimizer.state_dict(),
+                        lr_scheduler_state=lr_sched.state_dict(),
+                        state={"data_position": step * accum * world * b, "loss": loss_value,
+                               "seconds": seconds}, config_yaml=config_yaml, keep=t.keep_checkpoints,
+                        protect=frozenset({best.step} if best else ()))
         if stopped_early:
             break
     bar.close()
@@ -568,7 +595,8 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, prog
             if choice is not None and choice.step != step:
                 copy_weights(weights, ckpt.load_weights(
                     run_dir / "checkpoints" / ckpt.step_dir_name(choice.step)))
-            final = save_final(model, modules, cfg, run_dir / "final", config_yaml)
+            with disk_full_advice(run_dir):
+                final = save_final(model, modules, cfg, run_dir / "final", config_yaml)
             if choice is not None:
                 chosen = choice.step
                 (run_dir / "best.json").write_text(json.dumps({
@@ -609,6 +637,20 @@ def save_final(model: BaseModel, modules: dict[str, torch.nn.Module], cfg: Confi
                     m.to(torch.float32)
             model.save(tmp)
         (tmp / "config.yaml").write_text(config_yaml)
+        (tmp / ckpt.FINAL_SUMS).write_text(json.dumps(checksums(tmp), indent=1))
 
-    return ckpt.atomic_dir(folder, write)
+    return atomic_dir(folder, write)
+
+
+@contextlib.contextmanager
+def disk_full_advice(run_dir: Path):
+    """A full disk while the run writes: say what is intact and how to go on."""
+    try:
+        yield
+    except DiskFullError as e:
+        last = ckpt.latest_checkpoint(run_dir)
+        kept = (f"the previous checkpoint ({last.name}) is intact" if last else
+                "no checkpoint was written yet")
+        raise TrainingError(f"{e}; {kept}. Free space, then continue with "
+                            f"`dreambooth train --resume {run_dir}`") from None
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from dreambooth.config import Config
 from dreambooth.errors import ConfigError
+from dreambooth.prompts import fill_prompt
 from dreambooth.runlog import evaluations, read_metrics
 
 BASE_READINGS = "world-base-class-readings.json"  # step 0's class readings, for world_prior
@@ -57,7 +58,7 @@ def metric_sets(cfg: Config) -> list[str]:
 
 
 def fill(prompt: str, cfg: Config) -> str:
-    return prompt.format(token=cfg.data.token, **{"class": cfg.data.class_noun})
+    return fill_prompt(prompt, cfg.data.token, cfg.data.class_noun)
 
 
 class Evaluator:

@@ -27,3 +27,18 @@ def dreambench() -> Path:
     if not (DREAMBENCH / "subjects.csv").is_file():
         pytest.skip(f"DreamBench photos not found at {DREAMBENCH} (they live in ../shared beside the repo)")
     return DREAMBENCH
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch) -> Path:
+    """A class-image cache of this test's own (DREAMBOOTH_CACHE), so no test reuses another's."""
+    monkeypatch.setenv("DREAMBOOTH_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def painted_photos(tmp_path) -> Path:
+    """Three painted photos of one subject in tmp_path/photos."""
+    from dreambooth.commands.demo import paint_subject
+
+    return paint_subject(tmp_path / "photos", count=3)[0].parent

@@ -46,13 +46,18 @@ def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
     return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.iterdir())}
 
 
-@pytest.fixture
-def photos(tmp_path) -> Path:
+def noise_folder(tmp_path: Path) -> Path:
+    """tmp_path/photos holding a.jpg and b.png of random noise."""
     d = tmp_path / "photos"
     d.mkdir()
     noise(seed=1).save(d / "a.jpg")
     noise(seed=2).save(d / "b.png")
     return d
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    return noise_folder(tmp_path)
 
 
 # --- bad input: one line each, exit 2, no traceback ----------------------------------------

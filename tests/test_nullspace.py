@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from dreambooth import nullspace
+from dreambooth.errors import ConfigError
 from dreambooth.train import TrainingError, train
 # the same tiny run as the probes' tests (tests/ is on sys.path: pytest's default import mode)
 import test_orthogonal
@@ -93,8 +94,9 @@ def test_the_class_prompt_s_prediction_stays_put_and_the_subject_s_moves(photos,
 
 
 def test_null_space_settings_are_checked(photos, tmp_path, capsys):
-    for bad in (["prior.null_space=1.5"], ["prior.null_space=0.99", "train.mode=lora"],
-                ["prior.null_space=0.99", "prior.orthogonal_probes=4"]):
+    with pytest.raises(ConfigError, match="'prior.null_space' must be at most 1, got 1.5"):
+        make_cfg(photos, "prior.null_space=1.5")
+    for bad in (["prior.null_space=0.99", "train.mode=lora"], ["prior.null_space=0.99", "prior.orthogonal_probes=4"]):
         with pytest.raises(TrainingError, match="prior.null_space="):
             train(make_cfg(photos, *bad), tmp_path / "bad", progress=False)
     train(make_cfg(photos, "prior.null_space=0.99", "prior.enabled=false"), tmp_path / "none",

@@ -91,10 +91,14 @@ def bench(dataset: str, model: str = "tiny", preset: str = "", subjects: int = 0
     from dreambooth.config import build_config
     from dreambooth.data import read_photos
     from dreambooth.evaluate import load_clip, load_dino, score_images
+    from dreambooth.prompts import fill_prompt
     from dreambooth.sample import generate
     from dreambooth.train import train
 
+    from dreambooth.rundir import refuse_inside_photos
+
     root, out_dir = Path(dataset), Path(out)
+    refuse_inside_photos(out_dir, root, "--out")
     all_subjects, all_prompts = read_dataset(root)
     chosen = all_subjects[:subjects] if subjects else all_subjects
     if model == "tiny" and not (dino or clip):
@@ -125,14 +129,13 @@ def bench(dataset: str, model: str = "tiny", preset: str = "", subjects: int = 0
         from dreambooth.checkpoint import load_run_model
 
         tuned, cfg = load_run_model(run_dir)
-        fill = dict(token=cfg.data.token, **{"class": noun})
         kind_prompts = all_prompts[subject["kind"]][:prompts or None]
-        texts = [p.format(**fill) for p in kind_prompts]
+        texts = [fill_prompt(p, cfg.data.token, noun) for p in kind_prompts]
         pairs = [(t, s) for t in texts for s in range(images)]
         s = cfg.sample
         gen = generate(tuned, [t for t, _ in pairs], [sd for _, sd in pairs], steps=s.steps,
                        guidance=s.guidance, scheduler=s.scheduler, resolution=cfg.data.resolution)
-        class_prompt = cfg.data.class_prompt.format(**{"class": noun})
+        class_prompt = fill_prompt(cfg.data.class_prompt, cfg.data.token, noun)
         class_gen = generate(tuned, [class_prompt] * images, list(range(images)), steps=s.steps,
                              guidance=s.guidance, scheduler=s.scheduler,
                              resolution=cfg.data.resolution)

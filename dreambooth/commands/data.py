@@ -18,8 +18,10 @@ def data(
 
     Reads JPEG, PNG, WebP, BMP and MPO photos (EXIF orientation applied, any mode converted to
     RGB, transparency on white) and IMAGE.txt captions beside them. Prints one table row per
-    photo and warnings (small photos, near-duplicates, too many photos). Bad files are listed
-    all at once and the command exits 2. The photo folder is only ever read.
+    photo and warnings (small photos, near-duplicates, too many photos, photos over 89
+    megapixels, entries skipped: sub-folders, pipes, links that loop). Bad files (unreadable,
+    corrupt, too small or too large, a link whose target is missing) are listed all at once and
+    the command exits 2. The photo folder is only ever read.
 
     Args:
         folder: folder holding the subject's photos
@@ -44,8 +46,8 @@ def data(
         raise InputError(f"--flip is a probability between 0 and 1, got {flip}")
     if resolution < 64 or resolution % 8:
         raise InputError(f"--resolution must be a multiple of 8, at least 64; got {resolution}")
-    sheet_path = Path(sheet).expanduser().resolve() if sheet else None
-    photo_dir = Path(folder).expanduser().resolve()
+    sheet_path = _resolve(sheet, "--sheet") if sheet else None
+    photo_dir = _resolve(folder, "the photo folder")
     if sheet_path and (photo_dir == sheet_path or photo_dir in sheet_path.parents):
         raise InputError(f"--sheet {sheet} is inside the photo folder {folder}, which is never "
                          "written to — put the sheet somewhere else, e.g. --sheet sheet.png")
@@ -86,3 +88,15 @@ def data(
         contact_sheet(crops, names).save(sheet_path, format="PNG")
         print(f"contact sheet: {sheet_path}")
     return 0
+
+
+def _resolve(path: str, what: str) -> Path:
+    """``path`` made absolute with its links followed; InputError for a link that loops
+    (Python 3.11's pathlib raises RuntimeError there, later ones OSError)."""
+    from dreambooth.errors import InputError
+
+    try:
+        return Path(path).expanduser().resolve()
+    except (OSError, RuntimeError):
+        raise InputError(f"{what} {path}: a symbolic link that loops back on itself — "
+                         "pass the real folder or file") from None

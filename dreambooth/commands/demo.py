@@ -61,6 +61,8 @@ def demo(out: str = "dreambooth-demo", model: str = "auto", steps: int = 0, quic
     if model == "auto":
         model = "world" if (WORLD_MODEL / "model_index.json").is_file() else "tiny"
     root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise DreamboothError(f"--out {root} is a file, not a folder; pass --out NEW_FOLDER")
     if root.exists() and any(root.iterdir()) and not (root / MARKER).exists():
         raise DreamboothError(f"{root} exists and is not a demo folder; pass --out NEW_FOLDER")
     shutil.rmtree(root, ignore_errors=True)
@@ -123,9 +125,10 @@ def _save_samples(images: list, labels: list[str], seeds: list[int], samples: Pa
 
 
 def _plain_samples(tuned, cfg, samples: Path, sheet: Path) -> str:
+    from dreambooth.prompts import fill_prompt
     from dreambooth.sample import generate
 
-    prompts = [p.format(token=cfg.data.token, **{"class": cfg.data.class_noun}) for p in PROMPTS]
+    prompts = [fill_prompt(p, cfg.data.token, cfg.data.class_noun) for p in PROMPTS]
     pairs = [(p, s) for p in prompts for s in range(cfg.sample.num_images)]
     images = generate(tuned, [p for p, _ in pairs], [s for _, s in pairs], steps=cfg.sample.steps,
                       guidance=cfg.sample.guidance, resolution=cfg.data.resolution,

@@ -7,16 +7,14 @@ from pathlib import Path
 
 
 def open_run(run: Path, checkpoint: str, dino: str | None, clip: str | None,
-             overrides: list[str] | None, section: str):
+             overrides: list[str] | None, section: str, trust_pickle: bool = False):
     """(model, config, checkpoint name) of a run, with --dino/--clip and --set applied (bare
     keys belong to ``section``): what `eval` and `sweep` start from."""
     from dreambooth.checkpoint import load_checkpoint_model
     from dreambooth.config import apply_overrides, set_value
-    from dreambooth.errors import DreamboothError
+    from dreambooth.rundir import require_run
 
-    if not (run / "config.yaml").is_file():
-        raise DreamboothError(f"{run} is not a run directory (no config.yaml)")
-    model, cfg, name = load_checkpoint_model(run, checkpoint)
+    model, cfg, name = load_checkpoint_model(require_run(run), checkpoint, trust_pickle)
     for key, value in (("eval.dino", dino), ("eval.clip", clip)):
         if value is not None:
             set_value(cfg, key, value)
@@ -25,7 +23,7 @@ def open_run(run: Path, checkpoint: str, dino: str | None, clip: str | None,
 
 
 def eval_run(run_dir: str, checkpoint: str = "final", dino: str | None = None,
-             clip: str | None = None, overrides: list[str] | None = None) -> int:
+             clip: str | None = None, overrides: list[str] | None = None, trust_pickle: bool = False) -> int:
     """Score a run (or one checkpoint of it) with the run's validation prompts and seeds.
 
     Writes the images and scores.json to RUN_DIR/samples/eval-NAME/ and appends the scores to
@@ -40,11 +38,12 @@ def eval_run(run_dir: str, checkpoint: str = "final", dino: str | None = None,
         dino: local folder of facebook/dino-vits16 (or "tiny": random, a pipeline check)
         clip: local folder of openai/clip-vit-base-patch32 (or "tiny")
         overrides: eval settings, e.g. --set eval.num_images=4 --set eval.prompts="a {token} {class} in the snow"
+        trust_pickle: allow pickle weights (.ckpt/.pt/.bin) in the run's base model for this command only (unpickling runs code; never read from a config file)
     """
     from dreambooth.validation import Evaluator
 
     run = Path(run_dir)
-    model, cfg, name = open_run(run, checkpoint, dino, clip, overrides, "eval")
+    model, cfg, name = open_run(run, checkpoint, dino, clip, overrides, "eval", trust_pickle)
     record = Evaluator(cfg, run)(model, f"eval-{name}")
     record["checkpoint"] = name
     with (run / "evals.jsonl").open("a") as f:
@@ -66,11 +65,8 @@ def report(run_dir: str) -> int:
     Args:
         run_dir: a run directory made by `dreambooth train`
     """
-    from dreambooth.errors import DreamboothError
     from dreambooth.report import write_report
+    from dreambooth.rundir import require_run
 
-    run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
-        raise DreamboothError(f"{run} is not a run directory (no config.yaml)")
-    print(f"report: {write_report(run)}")
+    print(f"report: {write_report(require_run(run_dir))}")
     return 0

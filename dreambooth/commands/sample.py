@@ -26,7 +26,8 @@ def run_settings(run: Path, cfg) -> dict:
 def sample(run_dir: str, prompt: list[str] | None = None, prompts_file: str = "", n: int = 4,
            seed: int = 0, steps: int = 0, guidance: float = -1.0, negative: str | None = None,
            scheduler: str = "", lora_scale: float = -1.0, subject_guidance: float = -1.0,
-           checkpoint: str = "final", out: str = "", batch: int = 4, progress: bool = True) -> int:
+           checkpoint: str = "final", out: str = "", batch: int = 4, progress: bool = True,
+           trust_pickle: bool = False) -> int:
     """Generate images of the subject from a finished run.
 
     Prompts may use {token} and {class}, or say "my CLASS" ("a photo of my dog on the beach").
@@ -52,17 +53,17 @@ def sample(run_dir: str, prompt: list[str] | None = None, prompts_file: str = ""
         out: folder for the images (default: RUN_DIR/samples/sample-N)
         batch: images per forward pass
         progress: show a progress bar
+        trust_pickle: allow pickle weights (.ckpt/.pt/.bin) in the run's base model for this command only (unpickling runs code; never read from a config file)
     """
     from tqdm.auto import tqdm
 
     from dreambooth.checkpoint import load_checkpoint_model
     from dreambooth.data import contact_sheet
     from dreambooth.errors import DreamboothError
+    from dreambooth.rundir import refuse_inside_photos, require_run
     from dreambooth.sample import SCHEDULERS, expand_prompt, generate, png_metadata
 
-    run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
-        raise DreamboothError(f"{run} is not a run directory (no config.yaml)")
+    run = require_run(run_dir)
     texts = list(prompt or [])
     if prompts_file:
         path = Path(prompts_file)
@@ -84,7 +85,11 @@ def sample(run_dir: str, prompt: list[str] | None = None, prompts_file: str = ""
         if value < 0 and value != -1:
             raise DreamboothError(f"{flag} must be 0 or more (or -1: the run's default), got {value:g}")
 
-    model, cfg, name = load_checkpoint_model(run, checkpoint)
+    if out:  # before minutes of loading
+        from dreambooth.config import load_config
+
+        refuse_inside_photos(out, load_config(run / "config.yaml").data.images, "--out")
+    model, cfg, name = load_checkpoint_model(run, checkpoint, trust_pickle)
     settings = run_settings(run, cfg)
     for key, value, unset in (("steps", steps, 0), ("guidance", guidance, -1.0),
                               ("scheduler", scheduler, ""), ("lora_scale", lora_scale, -1.0),

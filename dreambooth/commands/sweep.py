@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def sweep(run_dir: str, checkpoint: str = "final", dino: str | None = None, clip: str | None = None,
-          overrides: list[str] | None = None, progress: bool = True) -> int:
+          overrides: list[str] | None = None, progress: bool = True, trust_pickle: bool = False) -> int:
     """Score guidance x steps x scheduler (x LoRA scale, x subject guidance) on tuning prompts; save the best.
 
     Each setting draws the same prompts and seeds; the evaluation metrics score them (world
@@ -25,13 +25,14 @@ def sweep(run_dir: str, checkpoint: str = "final", dino: str | None = None, clip
         overrides: sweep settings, e.g. --set sweep.guidance=[3,5,7.5] --set sweep.schedulers=[dpmpp]
             --set sweep.subject_guidance=[0,2.5] (SD 1.x/2.x)
         progress: show a progress bar
+        trust_pickle: allow pickle weights (.ckpt/.pt/.bin) in the run's base model for this command only (unpickling runs code; never read from a config file)
     """
     from dreambooth.commands.evaluate import open_run
     from dreambooth.sample import check_subject_guidance
     from dreambooth.sweep import Setting, grid, run_sweep
 
     run = Path(run_dir)
-    model, cfg, _ = open_run(run, checkpoint, dino, clip, overrides, "sweep")
+    model, cfg, _ = open_run(run, checkpoint, dino, clip, overrides, "sweep", trust_pickle)
     sw = cfg.sweep
     check_subject_guidance(model, any(sw.subject_guidance), "sweep.subject_guidance", "[0]")
     lora = cfg.train.mode == "lora"

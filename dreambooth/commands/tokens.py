@@ -21,6 +21,13 @@ def tokens(model: str | None = None, count: int = 10, check: str | None = None) 
 
     if count < 1:
         raise ConfigError(f"--count must be at least 1, got {count}")
+    if check is not None:
+        try:
+            check.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = check.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            raise ConfigError(f"--check '{shown}' is not UTF-8 text (was it typed in another encoding?); "
+                              "an identifier is a short word of plain letters, e.g. --check waj") from None
     tokenizer = text_encoder = None
     if model:
         from dreambooth.models import load_base_model

@@ -32,33 +32,34 @@ def train(
         overrides: key=value (repeatable), e.g. --set lr=1e-4 --set train.steps=400
         out: run directory to create (config.yaml, metrics.jsonl, checkpoints/, final/)
         resume: continue the run in this directory from its newest complete checkpoint
-        trust_pickle: allow a .ckpt/.pt/.bin --model (unpickling runs code: only for files you trust)
+        trust_pickle: allow pickle weights (.ckpt/.pt/.bin) in --model for this command only (unpickling runs code: only for files you trust; never read from a config file)
         progress: show a progress bar
     """
     from dreambooth.config import build_config
     from dreambooth.errors import DreamboothError
+    from dreambooth.rundir import refuse_inside_photos, require_run
     from dreambooth.train import train as run_training
 
     if resume:
-        run_dir = Path(resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise DreamboothError(f"{run_dir} is not a run directory (no config.yaml); "
-                                  "start a run with --out RUN_DIR first")
+        run_dir = require_run(resume)
         if any(v is not None for v in (images, class_noun, token, model, preset, config, overrides, out)):
             raise DreamboothError("--resume takes the run's own config.yaml; give no other settings "
                                   "(edit RUN_DIR/config.yaml to change one)")
-        result = run_training(None, run_dir, resume=True, progress=progress)
+        result = run_training(None, run_dir, resume=True, progress=progress, trust_pickle=trust_pickle)
     else:
         if not out:
             raise DreamboothError("missing --out RUN_DIR: where the run directory should be created")
         run_dir = Path(out)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise DreamboothError(f"--out {run_dir} is a file; give a folder for the run directory")
         if (run_dir / "config.yaml").exists():
             raise DreamboothError(f"{run_dir} already holds a run; continue it with "
                                   f"`dreambooth train --resume {run_dir}` or choose another --out")
         cfg = build_config(preset, config, overrides, extra={
             "data.images": images, "data.class_noun": class_noun, "data.token": token,
-            "model.path": model, "model.trust_pickle": trust_pickle or None})
-        result = run_training(cfg, run_dir, progress=progress)
+            "model.path": model})
+        refuse_inside_photos(run_dir, cfg.data.images, "--out")
+        result = run_training(cfg, run_dir, progress=progress, trust_pickle=trust_pickle)
     where = result.final or run_dir
     print(f"done: step {result.step}, loss {result.loss:.4f}. Run directory: {run_dir}  Weights: {where}")
     return 0
