@@ -69,7 +69,7 @@ def plain(cfg: Config) -> tuple[list[float], dict[str, list[float]]]:
     from dreambooth.data import to_tensor
     from dreambooth.models import load_base_model, tokenize
     from dreambooth.prior import class_images, load_image
-    from dreambooth.train import setup_trainable
+    from dreambooth.trainable import make_trainable
 
     t, d = cfg.train, cfg.data
     torch.manual_seed(t.seed)
@@ -78,8 +78,7 @@ def plain(cfg: Config) -> tuple[list[float], dict[str, list[float]]]:
     instance_prompt = d.instance_prompt.format(token=d.token, **{"class": d.class_noun})
     photos = sorted(p for p in Path(d.images).iterdir() if p.suffix == ".png")
     prior = class_images(model, cfg, class_prompt, progress=False).paths  # cached by now
-    modules = setup_trainable(model, cfg)  # the same trainable parameters as ours
-    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    params = make_trainable(model, cfg).parameters()  # the same trainable parameters as ours
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
                                   weight_decay=t.weight_decay, eps=t.adam_eps)
     vae, unet, text_encoder, noise_scheduler = model.vae, model.unet, model.text_encoder, model.scheduler
@@ -118,7 +117,7 @@ def plain(cfg: Config) -> tuple[list[float], dict[str, list[float]]]:
 
 
 def main() -> None:
-    from dreambooth.commands.demo import paint_subject
+    from dreambooth.world.render import held_out_subjects
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30, help="timed steps per mode (default 30)")
@@ -129,7 +128,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         os.environ["DREAMBOOTH_CACHE"] = str(tmp / "cache")  # class images: generated once
-        photos = paint_subject(tmp / "photos", count=3)[0].parent
+        photos = held_out_subjects()[7].save_photos(tmp / "photos", 3)[0].parent  # the demo's subject
         print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), tiny model, 64 px, "
               f"batch 1 + 1 class image; median of {args.steps} steps after {args.warmup} warm-up")
         rows, breakdown = [], {}

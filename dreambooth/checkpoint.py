@@ -269,7 +269,7 @@ def load_checkpoint_model(run_dir: Path, which: str = "final", trust_pickle: boo
     "step-N" / "N" (a checkpoint's trainable weights put into the run's base model)."""
     from dreambooth.config import load_config
     from dreambooth.models import load_configured
-    from dreambooth.train import copy_weights, setup_trainable, trainable_weights
+    from dreambooth.trainable import make_trainable
 
     run_dir = Path(run_dir)
     if which == "best":
@@ -293,5 +293,5 @@ def load_checkpoint_model(run_dir: Path, which: str = "final", trust_pickle: boo
     weights = load_weights(found[step])
     cfg = load_config(found[step] / "config.yaml")
     model = load_configured(cfg.model, trust_pickle=trust_pickle)
-    copy_weights(trainable_weights(setup_trainable(model, cfg)), weights)
+    make_trainable(model, cfg).load(weights)
     return model, cfg, step_dir_name(step)

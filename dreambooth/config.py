@@ -148,7 +148,6 @@ class DataConfig:
     class_prompt: str = "a photo of a {class}"
     # square crops of this many pixels: the VAE divides by 8; 64 is the smallest model's (tiny, world)
     resolution: int = _num(512, 64, MAX_RESOLUTION, multiple_of=8)
-    crop: str = _choices("center", "random", default="center")
     # `data`: flip probability; training: > 0 adds each photo's mirror image
     flip: float = _num(0.0, 0, 1)
     captions: bool = True  # use IMAGE.txt beside an image as its prompt when present
@@ -163,7 +162,7 @@ class PriorConfig:
     weight: float = _num(1.0, 0)  # lambda in  loss = instance + lambda * prior
     num_images: int = _num(200, 1, MAX_IMAGES)  # (prior.enabled=false turns the prior off)
     class_images: str = ""  # a folder of the user's own class photos instead of generating
-    solver: str = _choices("dpmpp", "unipc", "ddim", default="dpmpp")
+    scheduler: str = _choices("dpmpp", "unipc", "ddim", default="dpmpp")
     steps: int = _num(25, 1, MAX_SAMPLER_STEPS)
     guidance: float = _num(7.5, 0)
     negative_prompt: str = ""
@@ -173,17 +172,11 @@ class PriorConfig:
     # "base": the frozen base model's own prediction for the same noisy class image and prompt
     # (distillation): the same fixed point, far less variance, so the class prompt drifts less.
     target: str = _choices("noise", "base", default="noise")
-    # K > 0: keep the UNet's change off K probes of the class prompt's output gradients, one basis
-    # per weight tensor (dreambooth/orthogonal.py). Full mode; memory K x UNet weights x 4 bytes
-    orthogonal_probes: int = _num(0, 0, 4096)
-    # the probes' (and null_space's) noisy class images have t >= this (a timestep)
-    orthogonal_min_t: int = _num(400, 0, NUM_TRAIN_TIMESTEPS, high_open=True)
     # e in (0, 1]: keep each UNet layer's change off the inputs (fraction e of their energy) that
-    # the class prompt feeds it (dreambooth/nullspace.py). Full mode; t >= orthogonal_min_t. 0: off
+    # the class prompt feeds it (dreambooth/nullspace.py): the world preset's option, for small
+    # UNets and train.mode=full. 0: off
     null_space: float = _num(0.0, 0, 1)
-    # which inputs carry the energy e: "inputs" counts every input row alike; "outputs" weighs
-    # each by how much the UNet's output depends on that row's output (a random projection's gradient)
-    null_space_weighting: str = _choices("inputs", "outputs", default="inputs")
+    null_space_min_t: int = _num(400, 0, NUM_TRAIN_TIMESTEPS, high_open=True)  # read at t >= this
 
 
 @dataclass
@@ -212,12 +205,6 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     snr_gamma: float = _num(0.0, 0)  # min-SNR-gamma loss weighting (0: off; 5.0 is the usual value)
     noise_offset: float = _num(0.0, 0)
-    # b in (0, 1]: a fraction b of the samples (photos and class images alike) draw their timestep
-    # from [timestep_bias_min, T) instead of [0, T): more of the training where layouts, patterns'
-    # lattices and marks are decided (high noise). 0: uniform, as in the paper. On the world model
-    # 0.5 from 500 learned no more of the subject and moved the class prompt more (docs/world.md)
-    timestep_bias: float = _num(0.0, 0, 1)
-    timestep_bias_min: int = _num(500, 0, NUM_TRAIN_TIMESTEPS, high_open=True)  # a timestep
     seed: int = _num(0, 0, MAX_SEED)
     log_every: int = _num(1, 1, MAX_TRAIN_STEPS)
     checkpoint_every: int = _num(200, 1, MAX_TRAIN_STEPS)
@@ -251,11 +238,6 @@ class SampleConfig:
     scheduler: str = _choices("dpmpp", "unipc", "ddim", "ddpm", default="dpmpp")
     negative_prompt: str = ""
     seed: int = _num(0, 0, MAX_SEED)
-    # > 0: also guide along what the identifier adds to each prompt, below this timestep
-    # (sample.generate's subject guidance; SD 1.x/2.x; docs/world.md, "Subject guidance at low noise")
-    subject_guidance: float = _num(0.0, 0)
-    # a timestep threshold: t < this; NUM_TRAIN_TIMESTEPS: every step
-    subject_guidance_below: int = _num(400, 0, NUM_TRAIN_TIMESTEPS)
 
 
 @dataclass
@@ -282,8 +264,6 @@ class EvalConfig:
     dino: str = ""  # local folder of facebook/dino-vits16 ("tiny": a random in-process ViT)
     clip: str = ""  # local folder of openai/clip-vit-base-patch32 ("tiny": random in-process)
     select_best: bool = True  # final/ holds the best evaluated step instead of the last one
-    subject_guidance: float = _num(0.0, 0)  # as sample.subject_guidance, for the validation samples
-    subject_guidance_below: int = _num(400, 0, NUM_TRAIN_TIMESTEPS)
     prompt_floor: float = _num(0.9, 0, 1)  # candidates keep prompt fidelity >= floor x the best seen
     # stop when prompt fidelity fell K evaluations in a row, fidelity flat (0: never)
     early_stop: int = _num(0, 0, 10_000)
@@ -294,11 +274,9 @@ class EvalConfig:
 class SweepConfig:
     guidance: list[float] = _num([3.0, 5.0, 7.5, 10.0], 0)
     steps: list[int] = _num([15, 25, 40], 1, MAX_SAMPLER_STEPS)
-    schedulers: list[str] = field(default_factory=lambda: ["dpmpp", "unipc", "ddim"])
-    lora_scales: list[float] = _num([0.6, 0.8, 1.0], 0)  # LoRA runs only
-    # sample.generate's subject guidance h, below sample.subject_guidance_below; e.g. [0, 2.5]
-    # (each h > 0 adds a third UNet pass at low noise; SD 1.x/2.x)
-    subject_guidance: list[float] = _num([0.0], 0)
+    scheduler: list[str] = field(default_factory=lambda: ["dpmpp", "unipc", "ddim"],
+                                 metadata={"choices": ("dpmpp", "unipc", "ddim", "ddpm")})
+    lora_scale: list[float] = _num([0.6, 0.8, 1.0], 0)  # LoRA runs only
     prompts: list[str] = field(  # the prompts settings are tuned on
         default_factory=lambda: ["a photo of {token} {class} on the beach",
                                  "a photo of {token} {class} in the snow"])
@@ -328,12 +306,30 @@ class Config:
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 
-# Keys that were in the config once and are read only to be dropped, so that old run directories
-# still load: (section, key) -> what to say when the value is not false. Setting one with --set is
-# an error instead (``set_value``).
-LEGACY_KEYS = {
-    ("model", "trust_pickle"): "ignored: trust in a pickle checkpoint comes only from --trust-pickle "
-                               "on the command line, never from a file",
+# Keys that were in the config once and are read from files only to be dropped, so that old run
+# directories still load: (section, key) -> (the value that meant "off", what to say when a file
+# sets another). Setting one with --set is an error that says the same (``set_value``).
+RESEARCH = "moved to research/ (it did not beat the preset on held-out subjects; research/README.md)"
+LEGACY_KEYS: dict[tuple[str, str], tuple[Any, str]] = {
+    ("model", "trust_pickle"): (False, "ignored: trust in a pickle checkpoint comes only from "
+                                       "--trust-pickle on the command line, never from a file"),
+    ("data", "crop"): ("center", "ignored: photos are center-cropped (data.flip adds mirror images)"),
+    ("prior", "orthogonal_probes"): (0, f"ignored: the orthogonal-probe hold {RESEARCH}"),
+    ("prior", "null_space_weighting"): ("inputs", f"ignored: the output-weighted null space {RESEARCH}"),
+    ("train", "timestep_bias"): (0.0, f"ignored: the timestep bias {RESEARCH}"),
+    ("train", "timestep_bias_min"): (500, f"ignored: the timestep bias {RESEARCH}"),
+    **{(section, key): (off, "ignored: subject guidance moved to research/subject_guidance (not "
+                             "kept: research/world/results.md, sessions 27-28)")
+       for section, key, off in (("sample", "subject_guidance", 0.0), ("sample", "subject_guidance_below", 400),
+                                 ("eval", "subject_guidance", 0.0), ("eval", "subject_guidance_below", 400),
+                                 ("sweep", "subject_guidance", [0.0]))},
+}
+# Keys that were renamed: read from files under their new name.
+RENAMED_KEYS: dict[tuple[str, str], tuple[str, str]] = {
+    ("prior", "solver"): ("prior", "scheduler"),  # the same name as sample/eval.scheduler
+    ("prior", "orthogonal_min_t"): ("prior", "null_space_min_t"),
+    ("sweep", "schedulers"): ("sweep", "scheduler"),  # the names of sample and eval
+    ("sweep", "lora_scales"): ("sweep", "lora_scale"),  # as `dreambooth sample --lora-scale`
 }
 
 
@@ -541,13 +537,35 @@ def validate(cfg: Config) -> Config:
         hints = _hints(cls)
         for name, f in _section_fields(section).items():
             _check(f"{section}.{name}", f, getattr(sub, name), hints[name])
+    return _check_combinations(cfg)
+
+
+def _check_combinations(cfg: Config) -> Config:
+    """Settings that are valid alone but not together."""
+    if cfg.train.mode == "lora" and cfg.train.train_token:
+        raise ConfigError("train.train_token is for full fine-tuning: a LoRA final/ does not carry the "
+                          "text encoder's embeddings. Use train.train_text_encoder (LoRA on the text "
+                          "encoder) with train.mode=lora")
+    if cfg.train.mode == "lora" and cfg.prior.null_space:
+        raise ConfigError(f"prior.null_space={cfg.prior.null_space:g} holds the UNet's own weights while "
+                          "the whole UNet trains: it needs train.mode=full (set prior.null_space=0 for LoRA)")
     return cfg
 
 
+def _retired(key: str) -> tuple[str, str] | None:
+    """(section, key) of a legacy key written as ``key`` ("section.key" or a bare unique name)."""
+    owner, _, name = key.rpartition(".")
+    found = [s for s, k in LEGACY_KEYS if k == name and owner in ("", s)]
+    return (found[0], name) if len(found) == 1 else None
+
+
 def set_value(cfg: Config, key: str, value: Any) -> None:
-    if isinstance(key, str) and key in ("trust_pickle", "model.trust_pickle"):
-        raise ConfigError(f"'{key}' is not a config key: trust in a pickle checkpoint comes only "
-                          "from --trust-pickle on the command line")
+    retired = _retired(key) if isinstance(key, str) else None
+    live = isinstance(key, str) and any(key in _section_fields(s) for s in SECTIONS)
+    if retired is not None and not live:
+        raise ConfigError(f"'{key}' is not a config key any more: {LEGACY_KEYS[retired][1]}")
+    if isinstance(key, str) and tuple(key.split(".", 1)) in RENAMED_KEYS:
+        key = ".".join(RENAMED_KEYS[tuple(key.split(".", 1))])
     section, name = resolve_key(key)
     sub = getattr(cfg, section)
     f = _section_fields(section)[name]
@@ -556,11 +574,12 @@ def set_value(cfg: Config, key: str, value: Any) -> None:
 
 
 def _drop_legacy(section: str, key: str, value: Any, source: str) -> bool:
-    """True when ``section.key`` is a legacy key (then dropped; a note when its value is set)."""
-    note = LEGACY_KEYS.get((section, key))
-    if note is None:
+    """True when ``section.key`` is a legacy key (then dropped; a note when a file set it to
+    anything but its old "off" value)."""
+    if (section, key) not in LEGACY_KEYS:
         return False
-    if value is not False and value is not None:
+    off, note = LEGACY_KEYS[(section, key)]
+    if value is not None and value != off:
         print(f"{source}: {section}.{key} is {note}", file=sys.stderr)
     return True
 
@@ -573,12 +592,12 @@ def merge_dict(cfg: Config, data: dict[str, Any], source: str = "config") -> Non
         if not isinstance(section, str):
             raise _unknown(_show(section))
         if section not in SECTIONS:  # a flat "key: value" or "section.key: value" at top level
-            owner, _, name = section.rpartition(".")
-            legacy = [s for s, k in LEGACY_KEYS if k == name and owner in ("", s)]
-            if legacy and _drop_legacy(legacy[0], name, values, source):
+            retired = _retired(section)
+            if retired and _drop_legacy(*retired, values, source):
                 continue
+            renamed = tuple(section.split(".", 1)) in RENAMED_KEYS
             try:
-                resolve_key(section)
+                renamed or resolve_key(section)
             except ConfigError:
                 raise _unknown(section, section_like=isinstance(values, dict)) from None
             set_value(cfg, section, values)

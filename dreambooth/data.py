@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import math
 import os
-import random
 import re
 import stat
 import warnings
@@ -378,25 +377,15 @@ def hamming(a: int, b: int) -> int:
     return bin(a ^ b).count("1")
 
 
-def square_crop(image: Image.Image, resolution: int, crop: str = "center", flip: bool | float = False,
-                rng: random.Random | None = None) -> Image.Image:
-    """Square ``resolution`` crop: the shorter side is scaled to ``resolution`` (Lanczos), then a
-    center or random window is cut along the longer side. ``flip`` is a probability of a
-    horizontal mirror (True: always). ``rng`` drives random choices (default: Random(0))."""
-    if crop not in ("center", "random"):
-        raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
-    rng = rng or random.Random(0)
+def square_crop(image: Image.Image, resolution: int, flip: bool = False) -> Image.Image:
+    """Square ``resolution`` crop, as training encodes a photo: the shorter side is scaled to
+    ``resolution`` (Lanczos) and the middle of the longer side is cut; ``flip``: mirrored."""
     w, h = image.size
     side = min(w, h)
-    if crop == "center":
-        left, top = (w - side) // 2, (h - side) // 2
-    else:
-        left, top = rng.randint(0, w - side), rng.randint(0, h - side)
+    left, top = (w - side) // 2, (h - side) // 2
     out = image.resize((resolution, resolution), Image.Resampling.LANCZOS,
                        box=(left, top, left + side, top + side), reducing_gap=3.0)
-    if flip and (flip >= 1 or rng.random() < flip):
-        out = ImageOps.mirror(out)
-    return out
+    return ImageOps.mirror(out) if flip else out
 
 
 def contact_sheet(images: list[Image.Image], labels: list[str], cell: int = 128) -> Image.Image:

@@ -249,21 +249,20 @@ def export_run(run_dir: str | Path, fmt: str = "diffusers", out: str | Path = ""
     """Write ``checkpoint`` of the run in ``run_dir`` as ``fmt`` and verify it (see module doc).
     The output is written and verified under a temporary name and renamed into place, so a kill
     or a full disk leaves no partial export under ``out``."""
-    from dreambooth.checkpoint import load_checkpoint_model
-    from dreambooth.config import load_config
     from dreambooth.lora import scale_lora
-    from dreambooth.rundir import require_run
+    from dreambooth.rundir import Run
 
-    run_dir = require_run(run_dir)
-    run_cfg = load_config(run_dir / "config.yaml")
-    mode = run_cfg.train.mode
+    run = Run(run_dir)
+    run_dir, mode = run.path, run.config.train.mode
     check_request(fmt, mode, scale, run_dir)
     dt = torch_dtype(dtype)
-    tol = TOLERANCE[dtype] if tolerance is None or tolerance < 0 else float(tolerance)
+    tol = TOLERANCE[dtype] if tolerance is None else float(tolerance)
+    if tol < 0:
+        raise ExportError(f"--tolerance is a pixel difference, 0 or more; got {tol:g}")
     if out:  # refuse a bad --out before minutes of loading
-        check_output(Path(out), fmt, run_cfg.data.images)
+        check_output(Path(out), fmt, run.config.data.images)
 
-    model, cfg, name = load_checkpoint_model(run_dir, checkpoint, trust_pickle)
+    model, cfg, name = run.load(checkpoint, trust_pickle)
     out = Path(out) if out else default_output(run_dir, name, fmt, dtype)
     check_output(out, fmt, cfg.data.images)
     if mode == "lora":

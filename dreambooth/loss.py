@@ -95,17 +95,6 @@ def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, num_instance: int,
     return LossParts(total=total, instance=instance, prior=prior)
 
 
-def draw_timestep(generator: torch.Generator, num_train_timesteps: int, bias: float = 0.0,
-                  bias_min: int = 0) -> torch.Tensor:
-    """One training timestep, shape (1,): uniform on [0, T); with ``bias`` > 0, drawn instead from
-    [bias_min, T) with probability ``bias`` (the late, noisy steps where a layout is decided get
-    more of the training). Density: (1 - bias) / T below bias_min, that plus bias / (T - bias_min)
-    from it. With bias 0 the generator is used exactly as a plain uniform draw."""
-    if bias and float(torch.rand(1, generator=generator)) < bias:
-        return torch.randint(bias_min, num_train_timesteps, (1,), generator=generator)
-    return torch.randint(0, num_train_timesteps, (1,), generator=generator)
-
-
 def offset_noise(noise: torch.Tensor, offset: float, generator: torch.Generator | None = None
                  ) -> torch.Tensor:
     """Add a per-sample, per-channel constant (Guttenberg 2023) so the model can learn dark/bright

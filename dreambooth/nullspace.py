@@ -1,7 +1,6 @@
 """Keep each UNet layer's change off the inputs the class prompt gives it (``prior.null_space``).
 
-``prior.orthogonal_probes`` holds the class prompt's *output* to first order, along K random
-directions per weight tensor, and costs K copies of the UNet. This holds it layer by layer instead,
+The world preset's option (docs/world.md): it holds the class prompt's prediction layer by layer,
 as AlphaEdit does for language models (Fang et al., 2024): a linear or convolutional layer's output
 changes by ``dW x``, so a change ``dW`` with ``dW x = 0`` for every input ``x`` the layer sees under
 the class prompt leaves that layer's output, and so the next layer's input, as it was. By induction
@@ -9,14 +8,10 @@ the class prompt's whole prediction stays put, not only to first order, while in
 prompt never produces (the identifier's token, the subject's mark) still move the layers.
 
 1. Before training, forward passes of the frozen UNet on noisy class images (t >=
-   ``prior.orthogonal_min_t``) under the class prompt and the empty prompt (classifier-free
+   ``prior.null_space_min_t``) under the class prompt and the empty prompt (classifier-free
    guidance's two branches) accumulate, for every ``nn.Linear`` and ``nn.Conv2d``, the
    second-moment matrix ``C = sum x x^T`` of its inputs: unfolded patches for a convolution, and a
    constant 1 appended when the layer has a bias (so the bias is held as one more input).
-   With ``prior.null_space_weighting: outputs`` each input row counts in ``C`` by how much the
-   UNet's output depends on that row's output (the squared norm of its gradient under a random
-   projection of the output: Hutchinson's estimate of J J^T), so energy the output ignores is
-   not held.
 2. ``keep_basis``: the eigenvectors of ``C`` that carry the fraction ``prior.null_space`` of its
    energy (0.95 measured best on the world model, docs/world.md). The rest of what the class
    prompt feeds the layer is below that, and free to move.
@@ -91,40 +86,25 @@ def estimated_bytes(unet) -> int:
     return sum(input_size(m) ** 2 * 12 for m in unet.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
 
 
-def add_moment(moments: dict, name: str, rows: torch.Tensor, weights: torch.Tensor | None = None) -> None:
-    """moments[name] += sum_i w_i x_i x_i^T over the (rows, in) ``rows`` (w = 1 without weights)."""
+def add_moment(moments: dict, name: str, rows: torch.Tensor) -> None:
+    """moments[name] += sum_i x_i x_i^T over the (rows, in) ``rows``."""
     r = rows.double()
-    m = (r * weights.double()[:, None]).T @ r if weights is not None else r.T @ r
-    moments[name] = moments[name] + m if name in moments else m
+    moments[name] = moments[name] + r.T @ r if name in moments else r.T @ r
 
 
-def output_rows(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
-    """Per-row squared norm of a layer's output gradient, rows in ``layer_inputs``' order."""
-    if isinstance(module, nn.Linear):
-        return grad.reshape(-1, grad.shape[-1]).pow(2).sum(1)
-    return grad.flatten(2).transpose(1, 2).reshape(-1, grad.shape[1]).pow(2).sum(1)
-
-
+@torch.no_grad()
 def input_bases(unet, scheduler, latents: torch.Tensor, conds: list[dict], batches: int, min_t: int,
-                energy: float, concat, progress: bool = False, weighting: str = "inputs"
-                ) -> dict[str, torch.Tensor]:
+                energy: float, concat, progress: bool = False) -> dict[str, torch.Tensor]:
     """{layer name: (in, k) basis of the class prompt's inputs to it} for the UNet's linear and
-    convolutional layers. ``conds``: encoded [class prompt, empty prompt] for one image each.
-    ``weighting`` "outputs": each input row counts by how much the UNet's output depends on that
-    row's output (squared norm of a random projection's gradient there), not equally."""
+    convolutional layers. ``conds``: encoded [class prompt, empty prompt] for one image each."""
     from tqdm.auto import tqdm
 
     moments, hooks = {}, []
-    grads = weighting == "outputs"
 
     def hook(name):
         def accumulate(module, args, out):
-            rows = layer_inputs(module, args[0].detach())
-            if rows is None:
-                return
-            if grads:  # counted once the backward pass reaches this layer's output
-                out.register_hook(lambda g: add_moment(moments, name, rows, output_rows(module, g)))
-            else:
+            rows = layer_inputs(module, args[0])
+            if rows is not None:
                 add_moment(moments, name, rows)
         return accumulate
 
@@ -134,27 +114,17 @@ def input_bases(unet, scheduler, latents: torch.Tensor, conds: list[dict], batch
     gen = torch.Generator().manual_seed(PROBE_SEED)
     device = next(unet.parameters()).device
     num_t = scheduler.config.num_train_timesteps
-    flags = [(p, p.requires_grad) for p in unet.parameters()] if grads else []
-    for p, _ in flags:  # weights that need grads: the backward pass reaches every layer's output
-        p.requires_grad_(True)
     try:
-        with torch.set_grad_enabled(grads):
-            for k in tqdm(range(batches), desc="class-prompt layer inputs", unit="batch", disable=not progress):
-                idx = torch.randint(0, len(latents), (PROBE_BATCH,), generator=gen)
-                x0 = latents[idx].to(device).contiguous()
-                eps = torch.randn(x0.shape, generator=gen).to(device)
-                ts = torch.randint(min_t, num_t, (PROBE_BATCH,), generator=gen).to(device)
-                batch = cond = conds[k % 2]
-                for _ in range(PROBE_BATCH - 1):
-                    batch = concat(batch, cond)
-                out = unet(scheduler.add_noise(x0, eps, ts), ts, **batch).sample
-                if grads:  # Hutchinson: E[g g^T] over random v is J J^T
-                    probe = torch.randn(out.shape, generator=gen).to(device)
-                    (out * probe).sum().backward()
+        for k in tqdm(range(batches), desc="class-prompt layer inputs", unit="batch", disable=not progress):
+            idx = torch.randint(0, len(latents), (PROBE_BATCH,), generator=gen)
+            x0 = latents[idx].to(device).contiguous()
+            eps = torch.randn(x0.shape, generator=gen).to(device)
+            ts = torch.randint(min_t, num_t, (PROBE_BATCH,), generator=gen).to(device)
+            batch = cond = conds[k % 2]
+            for _ in range(PROBE_BATCH - 1):
+                batch = concat(batch, cond)
+            unet(scheduler.add_noise(x0, eps, ts), ts, **batch)
     finally:
-        for p, wanted in flags:
-            p.requires_grad_(wanted)
-            p.grad = None
         for h in hooks:
             h.remove()
     return {name: keep_basis(m, energy).to(device) for name, m in moments.items()}
@@ -178,3 +148,29 @@ def hold(layers, fixed, base_layers: list[torch.Tensor], base_fixed: list[torch.
             module.bias.copy_(w[:, n])
     for p, p0 in zip(fixed, base_fixed):
         p.copy_(p0)
+
+
+BATCHES = 32  # forward passes of PROBE_BATCH noisy class images read before training
+
+
+def class_prompt_projection(model, family, latents: torch.Tensor, class_prompt: str, energy: float,
+                            min_t: int, device, progress: bool = False):
+    """A call to make after every optimizer step: it projects each UNet layer's change off the
+    inputs the class prompt gives it (fraction ``energy`` of them) and resets every other tensor.
+    The bases are read here, from the base UNet before any weight changes; they are seeded, so
+    every process and a resumed run get the same."""
+    import functools
+
+    unet = family.denoiser(model)
+    with torch.no_grad():
+        conds = [family.encode_prompts(model, [p], device) for p in (class_prompt, "")]
+    print(f"prior.null_space: reading the class prompt's layer inputs ({BATCHES} batches)")
+    bases = input_bases(unet, model.scheduler, latents, conds, BATCHES, min_t, energy, family.concat_cond,
+                        progress=progress)
+    layers, fixed = held_layers(unet, bases)
+    kept = sum(b.shape[1] for _, b in layers) / max(1, sum(b.shape[0] for _, b in layers))
+    print(f"prior.null_space: {len(layers)} layers, {kept:.0%} of their input dimensions held; "
+          f"{len(fixed)} other tensors held whole")
+    with torch.no_grad():
+        base_layers = [weight_matrix(m).detach().clone() for m, _ in layers]
+    return functools.partial(hold, layers, fixed, base_layers, [p.detach().clone() for p in fixed])

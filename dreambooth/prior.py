@@ -55,7 +55,7 @@ def key_fields(model_identity: str, cfg: Config, class_prompt: str) -> dict:
     """Everything that decides the class images' pixels, as stored in meta.json."""
     p = cfg.prior
     return {"format": FORMAT_VERSION, "model": model_identity, "prompt": class_prompt,
-            "negative_prompt": p.negative_prompt, "solver": p.solver, "steps": p.steps,
+            "negative_prompt": p.negative_prompt, "solver": p.scheduler, "steps": p.steps,
             "guidance": float(p.guidance), "resolution": cfg.data.resolution, "seed": p.seed}
 
 
@@ -103,7 +103,7 @@ def class_images(model: BaseModel, cfg: Config, class_prompt: str, cache_root: P
         ids = list(range(g * b, min((g + 1) * b, p.num_images)))
         images = generate(model, [class_prompt] * len(ids), [image_seed(p.seed, i) for i in ids],
                           steps=p.steps, guidance=p.guidance, negative_prompt=p.negative_prompt,
-                          resolution=cfg.data.resolution, scheduler=p.solver, batch_size=b)
+                          resolution=cfg.data.resolution, scheduler=p.scheduler, batch_size=b)
         new = [(i, image) for i, image in zip(ids, images) if i in missing]
         for i, image in new:
             _write_atomic(folder, paths[i].name, lambda f, im=image: im.save(f, format="PNG"))
@@ -145,7 +145,7 @@ def load_image(path: Path, resolution: int):
     """An image file as an upright RGB square of ``resolution`` (center crop)."""
     from dreambooth.data import load_photo, square_crop
 
-    return square_crop(load_photo(path).image, resolution, crop="center")
+    return square_crop(load_photo(path).image, resolution)
 
 
 @torch.no_grad()

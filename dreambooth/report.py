@@ -19,7 +19,9 @@ import yaml
 from dreambooth.runlog import evaluations, read_metrics
 
 CURVE_METRICS = ("fidelity", "prompt_fidelity", "dino", "clip_i", "clip_t", "pres", "div",
-                 "world_match", "world_subject", "world_prompt", "world_prior")
+                 "subject_fidelity", "factor_match", "prior_distance")
+# the world metrics' names in runs evaluated before they were renamed (world_prompt: prompt_fidelity)
+OLD_NAMES = {"world_match": "factor_match", "world_subject": "subject_fidelity", "world_prior": "prior_distance"}
 
 
 def _png(fig) -> bytes:
@@ -94,7 +96,7 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
     rows = read_metrics(run_dir / "metrics.jsonl")
-    evals = evaluations(rows)
+    evals = [{OLD_NAMES.get(k, k): v for k, v in e.items()} for e in evaluations(rows)]
     best = json.loads((run_dir / "best.json").read_text()) if (run_dir / "best.json").is_file() else None
     chosen = best["step"] if best else None
     data, train = cfg.get("data", {}), cfg.get("train", {})
@@ -138,7 +140,7 @@ def write_report(run_dir: str | Path) -> Path:
                 star = " (chosen)" if e["step"] == chosen else ""
                 parts.append(f"<h3>step {e['step']}{star}</h3><img class='samples' "
                              f"alt='samples at step {e['step']}' src='{_data_uri(grid.read_bytes())}'>")
-    sheet = run_dir / "samples" / "final" / "contact-sheet.png"
+    sheet = run_dir / "samples" / "final" / "grid.png"  # `dreambooth demo`'s samples
     if sheet.is_file():
         parts.append(f"<h2>Final samples</h2><img class='samples' alt='final samples' src='{_data_uri(sheet.read_bytes())}'>")
 

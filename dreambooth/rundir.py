@@ -1,5 +1,6 @@
-"""The run directory as every command meets it: the check that a folder is one, the lock that
-lets one process write it at a time, and the rule that nothing is ever written into the photos.
+"""The run directory as every command meets it: ``Run`` (the check that a folder is one, its
+config, its paths, the model of one of its checkpoints), the lock that lets one process write it
+at a time, and the rule that nothing is ever written into the photos.
 
 The lock is an OS file lock (``flock``) on ``RUN_DIR/.lock``: the kernel releases it when its
 holder exits or is killed, so a crashed run never leaves a stale lock, and a second writer is
@@ -9,6 +10,7 @@ refused with the PID and command of the process that holds it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from pathlib import Path
@@ -36,6 +38,45 @@ def require_run(run_dir: str | Path) -> Path:
         raise DreamboothError(f"{run} is not a run directory ({what}); train one with "
                               "`dreambooth train --images DIR --class NOUN --out RUN_DIR`")
     return run
+
+
+class Run:
+    """A run directory made by `dreambooth train`, as `sample`, `sweep`, `eval`, `report`,
+    `export`, `demo` and `bench` open it: ``Run(path)`` refuses a folder that is not one.
+
+        run = Run("runs/dog")
+        model, cfg, name = run.load("best")   # final, best or step-N
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = require_run(path)
+        self.final, self.checkpoints = self.path / "final", self.path / "checkpoints"
+        self.samples, self.metrics = self.path / "samples", self.path / "metrics.jsonl"
+        self.sample_settings = self.path / "sample-settings.json"  # written by `dreambooth sweep`
+
+    @functools.cached_property
+    def config(self):
+        """The run's resolved config (config.yaml)."""
+        from dreambooth.config import load_config
+
+        return load_config(self.path / "config.yaml")
+
+    def load(self, which: str = "final", trust_pickle: bool = False):
+        """(model, config, name) of checkpoint ``which``: "final", "best" or "step-N"."""
+        from dreambooth.checkpoint import load_checkpoint_model
+
+        return load_checkpoint_model(self.path, which, trust_pickle)
+
+    def refuse_output(self, out: str | Path, what: str) -> None:
+        """Refuse an output ``out`` inside the run's photo folder (before minutes of loading)."""
+        refuse_inside_photos(out, self.config.data.images, what)
+
+    def new_folder(self, prefix: str) -> Path:
+        """samples/PREFIX-K for the first K that is not there yet."""
+        k = 1
+        while (self.samples / f"{prefix}-{k}").exists():
+            k += 1
+        return self.samples / f"{prefix}-{k}"
 
 
 def is_inside(path: str | Path, folder: str | Path) -> bool:

@@ -1,4 +1,5 @@
-"""Image generation with a base or fine-tuned model: inference schedulers and ``generate``.
+"""Image generation with a base or fine-tuned model: inference schedulers, ``generate``, and
+``draw``, which saves what it generates (PNGs with their settings, a contact sheet).
 
 Every image is drawn from its own ``torch.Generator().manual_seed(seed)``: its starting noise (and
 any noise a stochastic scheduler adds) depends on its seed alone, so an image is the same whether
@@ -7,7 +8,9 @@ it was made alone, in a batch of four, or after an interruption.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +20,7 @@ from dreambooth.models import BaseModel
 from dreambooth.prompts import fill_prompt
 
 SCHEDULERS = ("dpmpp", "unipc", "ddim", "ddpm")
+A1111_SAMPLERS = {"dpmpp": "DPM++ 2M", "unipc": "UniPC", "ddim": "DDIM", "ddpm": "DDPM"}
 
 
 def make_scheduler(name: str, train_scheduler_config: Any):
@@ -35,7 +39,6 @@ def make_scheduler(name: str, train_scheduler_config: Any):
     # differently before and after a save. Pass every value explicitly.
     train_scheduler_config = {k: v for k, v in dict(train_scheduler_config).items()
                               if k != "_use_default_values"}
-
     if name == "dpmpp":
         return DPMSolverMultistepScheduler.from_config(train_scheduler_config,
                                                        algorithm_type="dpmsolver++")
@@ -45,30 +48,17 @@ def make_scheduler(name: str, train_scheduler_config: Any):
     return classes[name].from_config(train_scheduler_config)
 
 
-def check_subject_guidance(model, h: float, key: str, off: str = "0") -> None:
-    """Subject guidance guides along what the identifier adds to one text encoder's embedding:
-    SD 1.x/2.x only. ``key`` and ``off`` name the setting and its off value in the error."""
-    if h and model.text_encoder_2 is not None:
-        raise ConfigError(f"{key} is for SD 1.x/2.x models; set it to {off} for SDXL")
-
-
 def generate(model: BaseModel, prompts: list[str], seeds: list[int], *, steps: int = 25,
              guidance: float = 7.5, negative_prompt: str | list[str] = "", resolution: int | None = None,
              scheduler: str = "dpmpp", batch_size: int = 4, lora_scale: float = 1.0,
-             subject_guidance: float = 0.0, subject_below: int = 400, token: str = "",
-             class_noun: str = "", progress: Callable[[int], None] | None = None) -> list:
+             progress: Callable[[int], None] | None = None) -> list:
     """One PIL image per (prompt, seed) pair, in order, ``batch_size`` at a time.
 
     ``negative_prompt`` is one for every prompt, or a list with one per prompt.
     ``resolution`` defaults to the model's native size. ``progress`` is called with the number
     of images finished after each batch (e.g. a tqdm bar's ``update``). ``lora_scale`` scales
-    the LoRA adapters, if the model has any (1.0: as trained; it does nothing without LoRA). The model's modules are
-    put in eval mode for the call and given back in the mode they were in.
-
-    ``subject_guidance`` h > 0 adds, at timesteps below ``subject_below``, h times what the
-    identifier ``token`` adds to each prompt that holds it: eps = e(neg) + g (e(p) - e(neg)) +
-    h (e(p) - e(p without the identifier)) (``contrast_prompt``). A third UNet pass a step, for
-    batches with the identifier only: other prompts are drawn exactly as without it.
+    the LoRA adapters, if the model has any (1.0: as trained; it does nothing without LoRA). The
+    model's modules are put in eval mode for the call and given back in the mode they were in.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"generate needs one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
@@ -76,10 +66,6 @@ def generate(model: BaseModel, prompts: list[str], seeds: list[int], *, steps: i
     if len(negatives) != len(prompts):
         raise ValueError(f"generate needs one negative prompt, or one per prompt: {len(prompts)} prompts, "
                          f"{len(negatives)} negative prompts")
-    if subject_guidance and not token:
-        raise ValueError("subject_guidance needs the identifier (token=...): it guides along what the "
-                         "identifier adds to each prompt")
-    check_subject_guidance(model, subject_guidance, "sample.subject_guidance")
     pipe = model.pipeline(scheduler=make_scheduler(scheduler, model.scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     modules = [m for m in model.components().values() if isinstance(m, torch.nn.Module)]
@@ -92,76 +78,40 @@ def generate(model: BaseModel, prompts: list[str], seeds: list[int], *, steps: i
             m.eval()
         with torch.no_grad():
             for start in range(0, len(prompts), batch_size):
-                batch_prompts = prompts[start:start + batch_size]
-                generators = [torch.Generator().manual_seed(s) for s in seeds[start:start + batch_size]]
-                contrasts = [contrast_prompt(p, token, class_noun) for p in batch_prompts]
-                if subject_guidance and contrasts != batch_prompts:
-                    images.extend(_subject_guided(pipe, batch_prompts, negatives[start:start + batch_size],
-                                                  contrasts, generators, steps, guidance, subject_guidance,
-                                                  subject_below, size, extra))
-                else:
-                    out = pipe(prompt=batch_prompts, negative_prompt=negatives[start:start + batch_size],
-                               num_inference_steps=steps, guidance_scale=guidance, height=size,
-                               width=size, generator=generators, output_type="pil", **extra)
-                    images.extend(out.images)
+                batch = slice(start, start + batch_size)
+                out = pipe(prompt=prompts[batch], negative_prompt=negatives[batch],
+                           num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                           generator=[torch.Generator().manual_seed(s) for s in seeds[batch]],
+                           output_type="pil", **extra)
+                images.extend(out.images)
                 if progress is not None:
-                    progress(len(batch_prompts))
+                    progress(len(out.images))
     finally:
         for m, mode in zip(modules, was_training):
             m.train(mode)
     return images
 
 
-def contrast_prompt(prompt: str, token: str, class_noun: str) -> str:
-    """The prompt without its identifier: "a photo of zwx dog on the beach" -> "a photo of a dog on
-    the beach" ("TOKEN CLASS" becomes "a CLASS" unless an article or "my" comes before it); a prompt
-    without the identifier comes back unchanged."""
-    import re
+def draw(model: BaseModel, folder: Path, *groups: list[tuple[str, int]], sheet: str = "grid.png",
+         cell: int = 128, meta: dict | None = None, **settings) -> list:
+    """``generate`` one image per (prompt, seed) job of each group (a group's batches never mix
+    with another's), save each as ``pNN-seedS.png`` in ``folder`` (NN: the prompt's place among
+    all the jobs' prompts) and a captioned contact sheet of them all, ``sheet``. With ``meta``
+    (e.g. the run and checkpoint), each PNG's text holds it, its prompt, seed and every setting
+    (``png_metadata``). ``settings`` go to ``generate``. Returns the images, in job order."""
+    from dreambooth.data import contact_sheet
 
-    if not token or not re.search(rf"\b{re.escape(token)}\b", prompt, flags=re.IGNORECASE):
-        return prompt
-    words = prompt.split()
-    out = []
-    for i, word in enumerate(words):
-        if word.lower() != token.lower():
-            out.append(word)
-        elif (class_noun and i + 1 < len(words) and words[i + 1].lower() == class_noun.lower()
-              and (i == 0 or words[i - 1].lower() not in ("a", "an", "the", "my"))):
-            out.append("a")  # "of zwx dog" -> "of a dog"
-    return " ".join(out)
-
-
-def _subject_guided(pipe, prompts, negatives, contrasts, generators, steps, guidance, h, below, size,
-                    extra) -> list:
-    """``generate``'s sampler for subject guidance: the pipeline's own pieces (prompt encoding,
-    starting latents, scheduler, decoder) with three UNet passes a step, the third only below
-    ``below``."""
-    device = pipe.unet.device
-    pos, neg = pipe.encode_prompt(prompts, device, 1, True, negatives)
-    con, _ = pipe.encode_prompt(contrasts, device, 1, False)
-    pipe.scheduler.set_timesteps(steps, device=device)
-    latents = pipe.prepare_latents(len(prompts), pipe.unet.config.in_channels, size, size, pos.dtype,
-                                   device, generators)
-    # rows without the identifier get no subject term at all (0 x the difference)
-    weight = torch.tensor([float(c != p) * h for p, c in zip(prompts, contrasts)],
-                          dtype=pos.dtype, device=device).view(-1, 1, 1, 1)
-    for t in pipe.scheduler.timesteps:
-        third = int(t) < below
-        conds = [neg, pos, con] if third else [neg, pos]
-        x = pipe.scheduler.scale_model_input(torch.cat([latents] * len(conds)), t)
-        out = pipe.unet(x, t, encoder_hidden_states=torch.cat(conds), **extra).sample.chunk(len(conds))
-        eps = out[0] + guidance * (out[1] - out[0])
-        if third:
-            eps = eps + weight * (out[1] - out[2])
-        latents = pipe.scheduler.step(eps, t, latents).prev_sample
-    decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
-    return pipe.image_processor.postprocess(decoded, output_type="pil")
-
-
-# ---------------------------------------------------------------- prompts and metadata
-
-SETTINGS_FILE = "sample-settings.json"  # RUN_DIR/: the settings `sample` uses by default
-A1111_SAMPLERS = {"dpmpp": "DPM++ 2M", "unipc": "UniPC", "ddim": "DDIM", "ddpm": "DDPM"}
+    jobs = [job for group in groups for job in group]
+    images = [im for group in groups if group
+              for im in generate(model, [p for p, _ in group], [s for _, s in group], **settings)]
+    folder.mkdir(parents=True, exist_ok=True)
+    order = list(dict.fromkeys(p for p, _ in jobs))
+    shown = {k: v for k, v in settings.items() if k not in ("progress", "batch_size")}
+    for (prompt, seed), image in zip(jobs, images):
+        info = None if meta is None else png_metadata({"prompt": prompt, "seed": seed, **shown, **meta})
+        image.save(folder / f"p{order.index(prompt):02d}-seed{seed}.png", pnginfo=info)
+    contact_sheet(images, [f"{p} ({s})" for p, s in jobs], cell=cell).save(folder / sheet)
+    return images
 
 
 def expand_prompt(prompt: str, token: str, class_noun: str) -> str:
@@ -170,8 +120,6 @@ def expand_prompt(prompt: str, token: str, class_noun: str) -> str:
     "a photo of my dog on the beach" -> "a photo of waj dog on the beach"; other text is left
     alone, so "a photo of a dog" stays a class prompt.
     """
-    import re
-
     if "{token}" in prompt or "{class}" in prompt:
         return fill_prompt(prompt, token, class_noun)
     return re.sub(rf"\bmy\s+{re.escape(class_noun)}\b", f"{token} {class_noun}", prompt,
@@ -188,8 +136,9 @@ def png_metadata(settings: dict[str, Any]) -> Any:
     for key, value in settings.items():
         info.add_text(key, str(value))
     size = settings.get("resolution", "")
-    line = (f"Steps: {settings.get('steps')}, Sampler: {A1111_SAMPLERS.get(settings.get('scheduler'), settings.get('scheduler'))}, "
-            f"CFG scale: {settings.get('guidance')}, Seed: {settings.get('seed')}, Size: {size}x{size}")
+    sampler = A1111_SAMPLERS.get(settings.get("scheduler"), settings.get("scheduler"))
+    line = (f"Steps: {settings.get('steps')}, Sampler: {sampler}, CFG scale: {settings.get('guidance')}, "
+            f"Seed: {settings.get('seed')}, Size: {size}x{size}")
     negative = settings.get("negative_prompt") or ""
     info.add_text("parameters", f"{settings.get('prompt')}\n"
                   + (f"Negative prompt: {negative}\n" if negative else "") + line)

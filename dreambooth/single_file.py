@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dreambooth.errors import ModelError
-from dreambooth.models import PICKLE_SUFFIXES, BaseModel
+from dreambooth.base_model import PICKLE_SUFFIXES, BaseModel
 
 SHIPPED = Path(__file__).parent / "assets" / "single-file"
 ARCH_FOLDERS = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl"}

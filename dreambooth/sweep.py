@@ -1,5 +1,4 @@
-"""A scored sweep of inference settings: guidance × steps × scheduler (× LoRA scale)
-(× subject guidance, when ``sweep.subject_guidance`` lists more than 0).
+"""A scored sweep of inference settings: guidance × steps × scheduler (× LoRA scale).
 
 Every setting draws the same tuning prompts with the same seeds; the evaluator
 (``dreambooth.validation``) scores them — DINO/CLIP-T, or the world probes on the world model —
@@ -34,27 +33,20 @@ class Setting:
     steps: int
     scheduler: str
     lora_scale: float = 1.0
-    subject_guidance: float = 0.0  # sample.generate's h, applied below subject_below
-    subject_below: int = 400
 
     @property
     def name(self) -> str:
-        name = f"g{self.guidance:g}-s{self.steps}-{self.scheduler}-l{self.lora_scale:g}"
-        # without subject guidance the name is the one sweeps always had, so they still resume
-        return name + (f"-h{self.subject_guidance:g}-w{self.subject_below}" if self.subject_guidance else "")
+        return f"g{self.guidance:g}-s{self.steps}-{self.scheduler}-l{self.lora_scale:g}"
 
     def kwargs(self) -> dict:
         return dict(guidance=self.guidance, steps=self.steps, scheduler=self.scheduler,
-                    lora_scale=self.lora_scale, subject_guidance=self.subject_guidance,
-                    subject_below=self.subject_below)
+                    lora_scale=self.lora_scale)
 
 
-def grid(guidance, steps, schedulers, lora_scales=(1.0,), subject_guidance=(0.0,),
-         subject_below: int = 400) -> list[Setting]:
+def grid(guidance, steps, scheduler, lora_scale=(1.0,)) -> list[Setting]:
     """Every combination, in a fixed order."""
-    return [Setting(float(g), int(s), sch, float(l), float(h), int(subject_below))
-            for sch, s, g, l, h in itertools.product(schedulers, steps, guidance, lora_scales,
-                                                     subject_guidance)]
+    return [Setting(float(g), int(s), sch, float(ls))
+            for sch, s, g, ls in itertools.product(scheduler, steps, guidance, lora_scale)]
 
 
 def score(record: dict) -> float:
@@ -62,22 +54,16 @@ def score(record: dict) -> float:
 
 
 def rank(results: dict[Setting, dict]) -> list[tuple[Setting, dict]]:
-    """Best first: by score, then fewer steps (cheaper), then no subject guidance (a third pass
-    per step below its threshold), then lower guidance."""
-    return sorted(results.items(), key=lambda kv: (-score(kv[1]), kv[0].steps,
-                                                   kv[0].subject_guidance, kv[0].guidance))
+    """Best first: by score, then fewer steps (cheaper), then lower guidance."""
+    return sorted(results.items(), key=lambda kv: (-score(kv[1]), kv[0].steps, kv[0].guidance))
 
 
 def table(ranked: list[tuple[Setting, dict]], extra: tuple[str, ...] = ()) -> str:
-    subject = any(s.subject_guidance for s, _ in ranked)  # the column only when it was searched
-    head = ("| rank | scheduler | steps | guidance | LoRA scale |" + (" subject guidance |" if subject else "")
-            + " score | fidelity | prompt fidelity |")
+    head = "| rank | scheduler | steps | guidance | LoRA scale | score | fidelity | prompt fidelity |"
     head += "".join(f" {k} |" for k in extra)
-    lines = [head, "|" + "---|" * (8 + subject + len(extra))]
+    lines = [head, "|" + "---|" * (8 + len(extra))]
     for i, (s, r) in enumerate(ranked, 1):
-        h = f" {s.subject_guidance:g} (t < {s.subject_below}) |" if s.subject_guidance else " 0 |"
         lines.append(f"| {i} | {s.scheduler} | {s.steps} | {s.guidance:g} | {s.lora_scale:g} |"
-                     + (h if subject else "")
                      + f" {score(r):.4f} | {r['fidelity']:.4f} | {r['prompt_fidelity']:.4f} |"
                      + "".join(f" {r[k]:.4f} |" if isinstance(r.get(k), float) else " – |" for k in extra))
     return "\n".join(lines)
@@ -118,63 +104,67 @@ def run_sweep(run_dir: str | Path, settings: list[Setting], model, cfg, default:
     default on the held-out prompts; write the table, the grid image and sample-settings.json."""
     from tqdm.auto import tqdm
 
-    from dreambooth.data import contact_sheet, load_photo
-    from dreambooth.validation import Evaluator
-
-    run = Path(run_dir)
+    run, sw = Path(run_dir), cfg.sweep
     root = run / "sweep"
-    sw = cfg.sweep
     plan = sweep_plan(cfg, checkpoint)
     check_plan(root, plan)
-
-    def evaluator(prompts, seed, n) -> Evaluator:
-        c = copy.deepcopy(cfg)
-        c.eval.prompts, c.eval.num_images, c.eval.seed, c.eval.class_images = prompts, n, seed, 0
-        return Evaluator(c, root)
-
-    tune = evaluator(sw.prompts, sw.seed, sw.num_images)
+    tune = _evaluator(cfg, root, sw.prompts, sw.seed, sw.num_images)
     results, reused = {}, 0
     bar = tqdm(total=len(settings), desc="sweep", unit="setting", disable=not progress)
     for s in settings:
-        done = root / "samples" / s.name / "scores.json"
-        if done.is_file():
-            results[s], reused = json.loads(done.read_text()), reused + 1
-        else:
-            results[s] = tune(model, s.name, **s.kwargs())
+        found = _scores(root, s.name)
+        results[s], reused = found or tune(model, s.name, **s.kwargs()), reused + bool(found)
         bar.update(1)
         bar.set_postfix(best=f"{max(score(r) for r in results.values()):.3f}")
     bar.close()
     ranked = rank(results)
     best = ranked[0][0]
-
-    held = evaluator(sw.held_out, sw.seed + 10_000, plan["held_out_images"])
-    check = {}
-    for label, s in (("best", best), ("default", default)):
-        done = root / "samples" / f"held-out-{s.name}" / "scores.json"
-        check[label] = (json.loads(done.read_text()) if done.is_file()
-                        else held(model, f"held-out-{s.name}", **s.kwargs()))
-
-    firsts = [load_photo(root / "samples" / s.name / f"p00-seed{sw.seed}.png").image for s, _ in ranked]
-    labels = [f"#{i} {s.scheduler} {s.steps} st g{s.guidance:g}" + (f" l{s.lora_scale:g}" if s.lora_scale != 1 else "")
-              + (f" h{s.subject_guidance:g}" if s.subject_guidance else "")
-              + f" {score(r):.2f}" for i, (s, r) in enumerate(ranked, 1)]
-    contact_sheet(firsts, labels, cell=96).save(root / "grid.png")
-    extra = tuple(k for k in ("world_subject", "dino", "clip_t") if isinstance(ranked[0][1].get(k), float))
-    md = table(ranked, extra)
-    (root / "results.md").write_text(md + "\n")
+    held = _evaluator(cfg, root, sw.held_out, sw.seed + 10_000, plan["held_out_images"])
+    check = {label: _scores(root, f"held-out-{s.name}") or held(model, f"held-out-{s.name}", **s.kwargs())
+             for label, s in (("best", best), ("default", default))}
     summary = {
         "best": {**best.kwargs(), "score": score(results[best])},
         "default": {**default.kwargs(), "score": score(results[default]) if default in results else None},
         "held_out": {k: {"score": score(v), "fidelity": v["fidelity"],
                          "prompt_fidelity": v["prompt_fidelity"]} for k, v in check.items()},
         "prompts": sw.prompts, "held_out_prompts": sw.held_out, "seeds": sw.num_images,
-        "held_out_seeds": plan["held_out_images"],
-        "settings": len(settings), "reused": reused,
+        "held_out_seeds": plan["held_out_images"], "settings": len(settings), "reused": reused,
         "ranked": [{**s.kwargs(), "score": score(r), "fidelity": r["fidelity"],
                     "prompt_fidelity": r["prompt_fidelity"]} for s, r in ranked],
     }
-    # Adopt the pick only if it also wins on the held-out prompts: near the top, the ranking on
-    # a few tuning prompts is often sampling noise, and the run's defaults are then the safer bet.
+    return _write_results(run, root, ranked, summary, default, cfg.sweep.seed)
+
+
+def _evaluator(cfg, root: Path, prompts: list[str], seed: int, n: int):
+    """The evaluator of a sweep's prompts and seeds (no class images: settings change only how a
+    run is sampled, not the model)."""
+    from dreambooth.validation import Evaluator
+
+    c = copy.deepcopy(cfg)
+    c.eval.prompts, c.eval.num_images, c.eval.seed, c.eval.class_images = prompts, n, seed, 0
+    return Evaluator(c, root)
+
+
+def _scores(root: Path, name: str) -> dict | None:
+    """A finished setting's scores (resume), or None."""
+    done = root / "samples" / name / "scores.json"
+    return json.loads(done.read_text()) if done.is_file() else None
+
+
+def _write_results(run: Path, root: Path, ranked: list, summary: dict, default: Setting, seed: int) -> dict:
+    """results.md/json and grid.png in RUN_DIR/sweep/; sample-settings.json in the run: the pick
+    when it also wins on the held-out prompts (near the top, the ranking on a few tuning prompts
+    is often sampling noise, and the run's defaults are then the safer bet), else the defaults."""
+    from dreambooth.data import contact_sheet, load_photo
+
+    best = ranked[0][0]
+    firsts = [load_photo(root / "samples" / s.name / f"p00-seed{seed}.png").image for s, _ in ranked]
+    labels = [f"#{i} {s.scheduler} {s.steps} st g{s.guidance:g}" + (f" l{s.lora_scale:g}" if s.lora_scale != 1 else "")
+              + f" {score(r):.2f}" for i, (s, r) in enumerate(ranked, 1)]
+    contact_sheet(firsts, labels, cell=96).save(root / "grid.png")
+    extra = tuple(k for k in ("subject_fidelity", "dino", "clip_t") if isinstance(ranked[0][1].get(k), float))
+    md = table(ranked, extra)
+    (root / "results.md").write_text(md + "\n")
     held_best, held_default = summary["held_out"]["best"]["score"], summary["held_out"]["default"]["score"]
     adopted = best if held_best >= held_default else default
     summary["adopted"] = {**adopted.kwargs(), "pick_confirmed": adopted == best}
@@ -183,8 +173,7 @@ def run_sweep(run_dir: str | Path, settings: list[Setting], model, cfg, default:
         **adopted.kwargs(), "chosen_by": "dreambooth sweep",
         "why": ("the sweep's pick, confirmed on held-out prompts" if adopted == best else
                 "the run's defaults: the sweep's pick did not beat them on held-out prompts"),
-        "pick": best.kwargs(), "tuning_score": score(results[best]),
+        "pick": best.kwargs(), "tuning_score": summary["best"]["score"],
         "held_out_score": held_best, "default_held_out_score": held_default}, indent=1))
     summary["table"] = md
     return summary
-

@@ -39,6 +39,6 @@ def isolated_cache(tmp_path, monkeypatch) -> Path:
 @pytest.fixture
 def painted_photos(tmp_path) -> Path:
     """Three painted photos of one subject in tmp_path/photos."""
-    from dreambooth.commands.demo import paint_subject
+    from painting import paint_subject
 
     return paint_subject(tmp_path / "photos", count=3)[0].parent

@@ -44,9 +44,9 @@ def test_out_of_range_settings_are_refused_before_any_work(photos, tmp_path, set
 
 def test_a_resolution_the_machine_cannot_encode_is_refused_before_the_run_folder(photos, tmp_path,
                                                                                   monkeypatch, capsys):
-    from dreambooth import orthogonal
+    from dreambooth import train as recipe
 
-    monkeypatch.setattr(orthogonal, "free_bytes", lambda: 2**30)  # a machine with 1 GiB free
+    monkeypatch.setattr(recipe, "free_bytes", lambda: 2**30)  # a machine with 1 GiB free
     out = tmp_path / "run"
     assert main(train_argv(photos, out, "data.resolution=4096")) == 2
     err = capsys.readouterr().err

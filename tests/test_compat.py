@@ -30,12 +30,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from dreambooth.checkpoint import load_run_model
-from dreambooth.commands.demo import paint_subject
 from dreambooth.config import build_config
 from dreambooth.export import export_run
 from dreambooth.lora import collect_lora, diffusers_lora_layers
 from dreambooth.models import build_tiny, load_base_model
 from dreambooth.train import train
+from painting import paint_subject
 from test_export import lora_model
 
 PROMPT = "a photo of waj toy"

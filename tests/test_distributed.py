@@ -17,7 +17,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from dreambooth.commands.demo import paint_subject
+from painting import paint_subject
 from dreambooth.config import build_config
 from dreambooth.train import train
 

@@ -9,13 +9,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dreambooth.cli import main
-from dreambooth.commands.demo import paint_subject
 from dreambooth.config import build_config
 from dreambooth.errors import ModelError
 from dreambooth.export import ExportError, export_run
 from dreambooth.models import build_tiny, load_base_model, load_configured
 from dreambooth.single_file import load_single_file, original_state_dict, save_single_file
 from dreambooth.train import train
+from painting import paint_subject
 
 PROMPT = "a photo of waj toy"
 

@@ -36,7 +36,7 @@ import torch
 from killpoints import Instrument, Kill, in_child
 from safetensors.torch import load_file
 
-from dreambooth.commands.demo import paint_subject
+from painting import paint_subject
 from dreambooth.config import build_config
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="kills forked children and reads /proc/self/fd")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dreambooth.loss import (draw_timestep, dreambooth_loss, masked_mse, min_snr_weights, offset_noise,
+from dreambooth.loss import (dreambooth_loss, masked_mse, min_snr_weights, offset_noise,
                              per_sample_mse, snr, training_target, v_target)
 
 
@@ -95,19 +95,3 @@ def test_the_mask_reaches_the_instance_half():
     parts = dreambooth_loss(pred, target, 2, mask=off)
     assert parts.instance.item() == pytest.approx((expected.item() + 3.0) / 2)
     assert parts.prior.item() == pytest.approx(6.0)
-
-
-def test_draw_timestep_unbiased_is_the_plain_uniform_draw():
-    a, b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    drawn = [int(draw_timestep(a, 1000)) for _ in range(50)]
-    assert drawn == [int(torch.randint(0, 1000, (1,), generator=b)) for _ in range(50)]
-
-
-def test_draw_timestep_bias_moves_that_fraction_above_the_minimum():
-    g = torch.Generator().manual_seed(0)
-    assert all(int(draw_timestep(g, 1000, 1.0, 500)) >= 500 for _ in range(200))
-    # bias 0.5 from 500: P(t >= 500) = 0.5 + 0.5 * 0.5 = 0.75, P(t >= 900) = 0.5 * 0.2 + 0.5 * 0.1 = 0.15
-    ts = torch.cat([draw_timestep(g, 1000, 0.5, 500) for _ in range(4000)])
-    assert ts.min() >= 0 and ts.max() < 1000
-    assert abs((ts >= 500).float().mean().item() - 0.75) < 0.03
-    assert abs((ts >= 900).float().mean().item() - 0.15) < 0.02

@@ -5,13 +5,22 @@ import torch
 from torch import nn
 
 from dreambooth import nullspace
+from dreambooth.config import build_config
 from dreambooth.errors import ConfigError
 from dreambooth.train import TrainingError, train
-# the same tiny run as the probes' tests (tests/ is on sys.path: pytest's default import mode)
-import test_orthogonal
-from test_orthogonal import make_cfg
 
-photos = test_orthogonal.photos  # the same fixture, under the name this module's tests ask for
+pytestmark = pytest.mark.usefixtures("isolated_cache")
+
+
+@pytest.fixture
+def photos(painted_photos):
+    return painted_photos
+
+
+def make_cfg(photos, *sets):
+    return build_config("tiny", overrides=[
+        f"data.images={photos}", "data.class_noun=toy", "data.token=waj", "prior.num_images=4",
+        "prior.steps=2", "train.steps=5", "train.lr=1e-3", "train.checkpoint_every=5", *sets])
 
 
 def randn(*shape, seed=0):
@@ -96,9 +105,8 @@ def test_the_class_prompt_s_prediction_stays_put_and_the_subject_s_moves(photos,
 def test_null_space_settings_are_checked(photos, tmp_path, capsys):
     with pytest.raises(ConfigError, match="'prior.null_space' must be at most 1, got 1.5"):
         make_cfg(photos, "prior.null_space=1.5")
-    for bad in (["prior.null_space=0.99", "train.mode=lora"], ["prior.null_space=0.99", "prior.orthogonal_probes=4"]):
-        with pytest.raises(TrainingError, match="prior.null_space="):
-            train(make_cfg(photos, *bad), tmp_path / "bad", progress=False)
+    with pytest.raises(ConfigError, match=r"prior.null_space=0.99 .* needs train.mode=full"):
+        make_cfg(photos, "prior.null_space=0.99", "train.mode=lora")
     train(make_cfg(photos, "prior.null_space=0.99", "prior.enabled=false"), tmp_path / "none",
           progress=False)
     assert "prior.null_space is off in this run" in capsys.readouterr().out
@@ -106,53 +114,10 @@ def test_null_space_settings_are_checked(photos, tmp_path, capsys):
 
 
 def test_moments_larger_than_free_memory_are_refused_before_any_work(photos, tmp_path, monkeypatch):
-    from dreambooth import orthogonal
+    from dreambooth import train as recipe
 
-    monkeypatch.setattr(orthogonal, "free_bytes", lambda: 2**10)
+    monkeypatch.setattr(recipe, "free_bytes", lambda: 2**10)
     with pytest.raises(TrainingError, match=r"prior.null_space reads .* GiB free"):
         train(make_cfg(photos, "prior.null_space=0.99"), tmp_path / "run", progress=False)
     cache = tmp_path / "cache"
     assert not cache.exists() or not any(cache.rglob("*.png"))
-
-
-def test_add_moment_weighs_each_row():
-    rows, w = randn(5, 3), torch.tensor([0.0, 1.0, 2.0, 0.5, 3.0])
-    moments = {}
-    nullspace.add_moment(moments, "a", rows, w)
-    nullspace.add_moment(moments, "a", rows)
-    expected = sum(wi * torch.outer(r, r) for wi, r in zip(w, rows)) + rows.T @ rows
-    assert torch.allclose(moments["a"].float(), expected, atol=1e-5)
-
-
-@pytest.mark.parametrize("layer", [nn.Linear(5, 3), nn.Conv2d(2, 4, 3, stride=2, padding=1)], ids=["linear", "conv"])
-def test_output_rows_follow_the_layer_inputs_order(layer):
-    """Row i of ``layer_inputs`` makes output row i, and ``output_rows`` gives that row's gradient."""
-    x = randn(2, 4, 5) if isinstance(layer, nn.Linear) else randn(2, 2, 6, 6)
-    out = layer(x)
-    g = randn(*out.shape, seed=3)
-    out_rows = g.reshape(-1, 3) if isinstance(layer, nn.Linear) else g.permute(0, 2, 3, 1).reshape(-1, 4)
-    weights = nullspace.output_rows(layer, g)
-    assert len(weights) == len(nullspace.layer_inputs(layer, x))
-    assert torch.allclose(weights, out_rows.pow(2).sum(1))
-
-
-def test_output_weighting_reads_every_layer_and_leaves_the_unet_as_it_was(photos, tmp_path, capsys):
-    """The weighted reading back-propagates into the weights: every layer gets a basis (the
-    cross-attention's keys and values and the time embedding too), other bases than the
-    energy's, and no gradient or requires_grad flag left behind; a run with it trains."""
-    from dreambooth.models import build_tiny, concat_cond, encode_prompts
-
-    base = build_tiny()
-    base.unet.requires_grad_(False)
-    latents = randn(8, 4, 8, 8)
-    with torch.no_grad():  # as train.class_hold encodes them
-        conds = [encode_prompts(base, [p]) for p in ("a photo of a toy", "")]
-    both = {w: nullspace.input_bases(base.unet, base.scheduler, latents, conds, 4, 400, 0.95, concat_cond,
-                                     weighting=w) for w in ("inputs", "outputs")}
-    assert both["inputs"].keys() == both["outputs"].keys()
-    assert any(b.shape != both["inputs"][n].shape or not torch.allclose(b.abs(), both["inputs"][n].abs())
-               for n, b in both["outputs"].items())
-    assert all(not p.requires_grad and p.grad is None for p in base.unet.parameters())
-    train(make_cfg(photos, "prior.null_space=0.95", "prior.null_space_weighting=outputs"), tmp_path / "run",
-          progress=False)
-    assert "of their input dimensions held" in capsys.readouterr().out

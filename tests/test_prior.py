@@ -135,7 +135,7 @@ def test_key_changes_with_everything_that_changes_pixels():
         "prompt": key_fields(ident, base_cfg, "a photo of a dog"),
         "weights": key_fields(build_tiny("tiny", seed=1).identity(), base_cfg, PROMPT),
     }
-    for item in ["prior.negative_prompt=blurry", "prior.solver=unipc", "prior.steps=3",
+    for item in ["prior.negative_prompt=blurry", "prior.scheduler=unipc", "prior.steps=3",
                  "prior.guidance=5", "data.resolution=128", "prior.seed=1"]:
         changed[item] = key_fields(ident, make_cfg(item), PROMPT)
     keys = {name: class_prompt_key(fields) for name, fields in changed.items()}

@@ -1,4 +1,5 @@
-"""Repository-level promises: the README's commands, CI, and no torchvision anywhere."""
+"""Repository-level promises: the README's commands, CI, no torchvision anywhere, no research code
+and no import cycle in the package."""
 
 import re
 import subprocess
@@ -63,3 +64,66 @@ def test_no_forbidden_dependency_even_indirectly():
                 todo.append((req.name, frozenset(req.extras)))
     assert "torch" in seen and "diffusers" in seen
     assert not seen & {"torchvision", "timm", "open-clip-torch"}
+
+
+def package_imports() -> dict[str, set[str]]:
+    """Every module under dreambooth/ -> the modules it imports (at module level and inside
+    functions alike), read with ast."""
+    import ast
+
+    files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in (ROOT / "dreambooth").rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                found |= {f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names}
+        graph[name] = found
+    return graph
+
+
+def test_no_module_of_the_package_imports_research():
+    """research/ may import dreambooth, never the reverse (research/README.md)."""
+    bad = {m: sorted(i for i in imported if i == "research" or i.startswith("research."))
+           for m, imported in package_imports().items()}
+    assert not {m: i for m, i in bad.items() if i}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle among the graph's own modules, as [a, b, ..., a], or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node] & graph.keys()):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = 2
+        path.pop()
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def test_find_cycle_on_hand_made_graphs():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"a": {"b"}, "b": {"c", "os"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_no_import_cycle_in_the_package():
+    cycle = find_cycle(package_imports())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)

@@ -329,13 +329,13 @@ def test_a_full_disk_during_final_is_a_plain_message(photos, tmp_path, monkeypat
 
 def test_captions_with_other_braces_are_kept_as_written(photos, tmp_path):
     from dreambooth.data import read_photos
-    from dreambooth.train import instance_data
+    from dreambooth.batch import instance_source
     from dreambooth.models import build_tiny
 
     names = sorted(photos.glob("*.png"))
     (photos / f"{names[0].stem}.txt").write_text("{a red ball} {0} a photo of {token} {class} {")
     (photos / f"{names[1].stem}.txt").write_text("{token}{class} %s {{class}}")
     cfg = cfg_of(photos)
-    _, prompts, _ = instance_data(cfg, build_tiny(), read_photos(photos, 64))
+    prompts = instance_source(cfg, build_tiny(), read_photos(photos, 64)).prompts
     assert prompts[:2] == ["{a red ball} {0} a photo of waj toy {", "wajtoy %s {toy}"]
     assert train(cfg, tmp_path / "run", progress=False).step == 4

@@ -7,7 +7,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from dreambooth.errors import ConfigError
 from dreambooth.models import build_tiny
-from dreambooth.sample import contrast_prompt, generate, make_scheduler
+from dreambooth.sample import generate, make_scheduler
 
 PROMPTS = ["a photo of a dog", "a photo of a cat", "a photo of a dog"]
 
@@ -90,34 +90,22 @@ def test_sd2_and_sdxl_generate(name):
     assert wide[0].size == (128, 128)
 
 
-def test_contrast_prompt_drops_the_identifier():
-    assert contrast_prompt("a photo of zwx dog on the beach", "zwx", "dog") == "a photo of a dog on the beach"
-    assert contrast_prompt("a photo of my zwx dog", "zwx", "dog") == "a photo of my dog"
-    assert contrast_prompt("a zwx dog", "zwx", "dog") == "a dog"
-    assert contrast_prompt("ZWX dog in the snow", "zwx", "dog") == "a dog in the snow"
-    assert contrast_prompt("a photo of a dog", "zwx", "dog") == "a photo of a dog"  # unchanged
-    assert contrast_prompt("zwxy dog", "zwx", "dog") == "zwxy dog"  # whole words only
+def test_draw_saves_each_group_as_generated_alone_with_its_settings(model, tmp_path):
+    """draw: one PNG per job named by prompt and seed, a group's batches never mix with another's
+    (the same pixels as generate() on that group alone), the settings in each PNG, one sheet."""
+    from PIL import Image
 
+    from dreambooth.sample import draw
 
-def test_subject_guidance_moves_only_prompts_with_the_identifier(model):
-    prompts, seeds, kw = ["a photo of zwx dog", "a photo of a dog"], [1, 2], dict(steps=4, batch_size=2)
-    plain = pixels(generate(model, prompts, seeds, **kw))
-    guided = pixels(generate(model, prompts, seeds, subject_guidance=30.0, subject_below=1000,
-                             token="zwx", class_noun="dog", **kw))
-    assert np.abs(guided[0] - plain[0]).mean() > 1  # the identifier's prompt moves
-    assert np.abs(guided[1] - plain[1]).max() <= 2  # the class prompt only by batched rounding
-    alone = pixels(generate(model, prompts[1:], seeds[1:], subject_guidance=2.5, token="zwx",
-                            class_noun="dog", **kw))
-    assert np.array_equal(alone[0], pixels(generate(model, prompts[1:], seeds[1:], **kw))[0])  # the pipeline
-    # below=0: the third pass never runs, and the sampler's own loop is the pipeline's
-    never = pixels(generate(model, prompts, seeds, subject_guidance=2.5, subject_below=0, token="zwx",
-                            class_noun="dog", **kw))
-    assert all(np.abs(a - b).max() <= 1 for a, b in zip(never, plain))
-    # only below the threshold: less change than at every step
-    late = pixels(generate(model, prompts, seeds, subject_guidance=30.0, subject_below=500, token="zwx",
-                           class_noun="dog", **kw))
-    assert 0 < np.abs(late[0] - plain[0]).mean() < np.abs(guided[0] - plain[0]).mean()
-    with pytest.raises(ValueError, match="token"):
-        generate(model, prompts, seeds, subject_guidance=1.0, steps=2)
-    with pytest.raises(ConfigError, match="SDXL"):
-        generate(build_tiny("tiny-sdxl"), prompts, seeds, subject_guidance=1.0, token="zwx", steps=2)
+    kw = dict(steps=2, guidance=3.0, batch_size=4)
+    first, second = [("a photo of a dog", 1), ("a photo of a cat", 1)], [("a photo of a dog", 2)]
+    images = draw(model, tmp_path / "d", first, second, sheet="sheet.png", meta={"run": "r"}, **kw)
+    alone = generate(model, [p for p, _ in second], [s for _, s in second], **kw)
+    assert np.array_equal(np.asarray(images[2]), np.asarray(alone[0]))
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [
+        "p00-seed1.png", "p00-seed2.png", "p01-seed1.png", "sheet.png"]
+    text = Image.open(tmp_path / "d/p01-seed1.png").text
+    assert text["prompt"] == "a photo of a cat" and text["seed"] == "1" and text["run"] == "r"
+    assert "batch_size" not in text and "Steps: 2" in text["parameters"]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "d/p01-seed1.png").convert("RGB")),
+                          np.asarray(images[1]))

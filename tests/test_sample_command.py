@@ -8,11 +8,11 @@ import pytest
 from PIL import Image
 
 from dreambooth.cli import main
-from dreambooth.commands.demo import paint_subject
 from dreambooth.config import build_config
 from dreambooth.sample import expand_prompt, generate
 from dreambooth.sweep import Setting, grid, rank
 from dreambooth.train import train
+from painting import paint_subject
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_sample_writes_pngs_with_their_settings_and_a_sheet(runs, tmp_path, caps
     assert main(["sample", str(runs / "full"), "--prompt", "a photo of my toy", "--prompt",
                  "a {token} {class} in the snow", "--n", "2", "--seed", "5", "--steps", "2",
                  "--guidance", "4", "--out", str(out), "--no-progress"]) == 0
-    pngs = sorted(out.glob("0*.png"))
+    pngs = sorted(out.glob("p*.png"))  # p00-seed5, p00-seed6, p01-seed5, p01-seed6
     assert len(pngs) == 4 and (out / "contact-sheet.png").is_file()
     meta = Image.open(pngs[1]).text
     assert meta["prompt"] == "a photo of waj toy" and meta["seed"] == "6"
@@ -67,29 +67,12 @@ def test_sample_writes_pngs_with_their_settings_and_a_sheet(runs, tmp_path, caps
         assert np.array_equal(np.asarray(image), np.asarray(Image.open(png).convert("RGB"))), png.name
 
 
-def test_sample_subject_guidance_flag(runs, tmp_path):
-    """--subject-guidance reaches generate (same images as generate with it) and the PNG text."""
-    out = tmp_path / "g"
-    assert main(["sample", str(runs / "full"), "--prompt", "a photo of my toy", "--n", "2", "--steps", "4",
-                 "--subject-guidance", "30", "--out", str(out), "--no-progress"]) == 0
-    pngs = sorted(out.glob("0*.png"))
-    assert Image.open(pngs[0]).text["subject_guidance"] == "30.0"
-    from dreambooth.checkpoint import load_run_model
-
-    model, cfg = load_run_model(runs / "full")
-    kw = dict(steps=4, guidance=cfg.sample.guidance, resolution=cfg.data.resolution)
-    guided = generate(model, ["a photo of waj toy"] * 2, [0, 1], subject_guidance=30.0, token="waj",
-                      class_noun="toy", **kw)
-    for g, png in zip(guided, pngs):  # what the option does to images: test_sample.py
-        assert np.array_equal(np.asarray(g), np.asarray(Image.open(png).convert("RGB")))
-
-
 def test_sample_reads_prompts_from_a_file_and_refuses_none(runs, tmp_path):
     f = tmp_path / "prompts.txt"
     f.write_text("# my prompts\na photo of my toy\n\nmy toy on the beach\n")
     assert main(["sample", str(runs / "full"), "--prompts-file", str(f), "--n", "1",
                  "--out", str(tmp_path / "o"), "--no-progress"]) == 0
-    assert len(list((tmp_path / "o").glob("0*.png"))) == 2
+    assert len(list((tmp_path / "o").glob("p*.png"))) == 2
     assert main(["sample", str(runs / "full")]) == 2
 
 
@@ -121,15 +104,15 @@ def test_grid_and_ranking():
 def test_sweep_ranks_saves_the_best_for_sample_and_resumes(runs, capsys):
     run = runs / "lora"
     args = ["sweep", str(run), "--dino", "tiny", "--clip", "tiny", "--set", "sweep.guidance=[2,6]",
-            "--set", "sweep.steps=[2]", "--set", "sweep.schedulers=[dpmpp,ddim]",
-            "--set", "sweep.lora_scales=[0.5,1.0]", "--set", "sweep.num_images=1", "--no-progress"]
+            "--set", "sweep.steps=[2]", "--set", "sweep.scheduler=[dpmpp,ddim]",
+            "--set", "sweep.lora_scale=[0.5,1.0]", "--set", "sweep.num_images=1", "--no-progress"]
     assert main(args) == 0
     results = json.loads((run / "sweep/results.json").read_text())
     assert results["settings"] == 8 and results["reused"] == 0  # 2 x 1 x 2 x 2 (LoRA scales)
     scores = [r["score"] for r in results["ranked"]]
     assert scores == sorted(scores, reverse=True)
     chosen = json.loads((run / "sample-settings.json").read_text())
-    keys = ("guidance", "steps", "scheduler", "lora_scale", "subject_guidance", "subject_below")
+    keys = ("guidance", "steps", "scheduler", "lora_scale")
     pick = {k: results["ranked"][0][k] for k in keys}
     held = results["held_out"]
     # the pick is adopted only when it also wins on the held-out prompts
@@ -152,72 +135,48 @@ def test_sweep_ranks_saves_the_best_for_sample_and_resumes(runs, capsys):
     assert first.stat().st_mtime_ns == stamp
 
 
-def test_grid_with_subject_guidance_names_ranks_and_tables():
-    from dreambooth.sweep import table
-
-    settings = grid([5.0], [10], ["dpmpp"], subject_guidance=[0, 2.5], subject_below=300)
-    off, on = settings
-    assert (off.subject_guidance, on.subject_guidance, on.subject_below) == (0.0, 2.5, 300)
-    assert off.name == "g5-s10-dpmpp-l1"  # the name sweeps always had: old sweep folders resume
-    assert on.name == "g5-s10-dpmpp-l1-h2.5-w300"
-    assert on.kwargs()["subject_guidance"] == 2.5 and on.kwargs()["subject_below"] == 300
-    tie = {on: {"fidelity": 0.5, "prompt_fidelity": 0.5}, off: {"fidelity": 0.6, "prompt_fidelity": 0.4}}
-    assert [s for s, _ in rank(tie)] == [off, on]  # a tie goes to the cheaper setting (no third pass)
-    md = table(rank(tie))
-    assert "subject guidance" in md.splitlines()[0] and "2.5 (t < 300)" in md
-    assert len({line.count("|") for line in md.splitlines()}) == 1  # every row has every column
-    assert "subject guidance" not in table(rank({off: tie[off]}))  # not searched: no column
+@pytest.mark.parametrize("flag, value, message", [
+    ("--guidance", "-2", "config key 'sample.guidance' must be at least 0"),
+    ("--steps", "0", "config key 'sample.steps' must be at least 1"),  # no sentinel: unset is None
+    ("--n", "0", "config key 'sample.num_images' must be at least 1"),
+    ("--scheduler", "euler", "config key 'sample.scheduler' must be one of"),
+    ("--lora-scale", "-3", "must be at least 0")])
+def test_sample_refuses_settings_out_of_range_with_the_config_message(runs, tmp_path, capsys, flag, value, message):
+    assert main(["sample", str(runs / "full"), "--prompt", "my toy", flag, value,
+                 "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {flag}") and message in err and not (tmp_path / "o").exists()
 
 
-def test_sweep_searches_subject_guidance_and_sample_uses_the_pick(runs, tmp_path, capsys):
+def test_an_old_sweeps_subject_guidance_is_named_and_left_out(runs, tmp_path, capsys):
+    """sample-settings.json from a sweep before subject guidance moved to research/: h = 0 is
+    read silently, h > 0 with a one-line note; the rest of the pick is used."""
     import shutil
 
     run = tmp_path / "full"
-    shutil.copytree(runs / "full", run)  # the sweep writes sample-settings.json into the run
-    args = ["sweep", str(run), "--dino", "tiny", "--clip", "tiny", "--set", "sweep.guidance=[4]",
-            "--set", "sweep.steps=[3]", "--set", "sweep.schedulers=[dpmpp]",
-            "--set", "sweep.subject_guidance=[0,30]", "--set", "sample.subject_guidance_below=1000",
-            "--set", "sweep.num_images=1", "--no-progress"]
-    assert main(args) == 0
-    results = json.loads((run / "sweep/results.json").read_text())
-    assert results["settings"] == 2 and {r["subject_guidance"] for r in results["ranked"]} == {0.0, 30.0}
-    on = Setting(4.0, 3, "dpmpp", 1.0, 30.0, 1000)
-    drawn = run / "sweep/samples" / on.name / "p00-seed2000.png"
-    from dreambooth.checkpoint import load_run_model
-
-    model, cfg = load_run_model(run)
-    prompts = [expand_prompt(p, "waj", "toy") for p in cfg.sweep.prompts]
-    expected = generate(model, prompts, [2000] * len(prompts), steps=3, guidance=4.0,  # batched as the sweep
-                        resolution=cfg.data.resolution, batch_size=max(1, cfg.prior.batch_size),
-                        subject_guidance=30.0, subject_below=1000, token="waj", class_noun="toy")[0]
-    assert np.array_equal(np.asarray(Image.open(drawn).convert("RGB")), np.asarray(expected))
-    off = run / "sweep/samples" / Setting(4.0, 3, "dpmpp", 1.0, 0.0, 1000).name / "p00-seed2000.png"
-    assert not np.array_equal(np.asarray(Image.open(off)), np.asarray(Image.open(drawn)))
-    chosen = json.loads((run / "sample-settings.json").read_text())
-    assert chosen["subject_guidance"] in (0.0, 30.0) and chosen["subject_below"] == 1000
-    capsys.readouterr()
-    out = tmp_path / "s"
-    assert main(["sample", str(run), "--prompt", "my toy", "--n", "1", "--out", str(out), "--no-progress"]) == 0
-    meta = Image.open(next(out.glob("0*.png"))).text
-    assert float(meta["subject_guidance"]) == chosen["subject_guidance"]
-    assert int(meta["subject_below"]) == chosen["subject_below"]
+    shutil.copytree(runs / "full", run)
+    for h, noted in ((0.0, False), (2.5, True)):
+        (run / "sample-settings.json").write_text(json.dumps(
+            {"guidance": 6.0, "steps": 2, "scheduler": "ddim", "lora_scale": 1.0,
+             "subject_guidance": h, "subject_below": 400}))
+        assert main(["sample", str(run), "--prompt", "my toy", "--n", "1", "--out", str(tmp_path / f"o{h}"),
+                     "--no-progress"]) == 0
+        out = capsys.readouterr().out
+        assert ("moved to research/subject_guidance" in out) == noted
+        meta = Image.open(tmp_path / f"o{h}" / "p00-seed0.png").text
+        assert (meta["guidance"], meta["steps"], meta["scheduler"]) == ("6.0", "2", "ddim")
+        assert "subject_guidance" not in meta
 
 
-@pytest.mark.parametrize("flag, value", [("--guidance", "-2"), ("--subject-guidance", "-0.5"),
-                                         ("--lora-scale", "-3"), ("--steps", "-1")])
-def test_sample_refuses_negative_settings(runs, tmp_path, capsys, flag, value):
-    assert main(["sample", str(runs / "full"), "--prompt", "my toy", flag, value,
-                 "--out", str(tmp_path / "o"), "--no-progress"]) == 2
-    assert flag in capsys.readouterr().err and not (tmp_path / "o").exists()
-
-
-def test_sweep_refuses_subject_guidance_on_sdxl_before_drawing(tmp_path, capsys, monkeypatch):
+def test_demo_on_tiny_renders_the_world_subject_and_draws_samples(tmp_path, monkeypatch, capsys):
+    """The demo has one photo path: the world's rendered subject, also on `tiny` (whose samples
+    are noise and get no probe scores)."""
     monkeypatch.setenv("DREAMBOOTH_CACHE", str(tmp_path / "cache"))
-    photos = paint_subject(tmp_path / "photos", count=3)[0].parent
-    train(build_config("tiny", overrides=[f"data.images={photos}", "data.class_noun=toy", "data.token=waj",
-                                          "model.path=tiny-sdxl", "train.mode=lora", "train.steps=1",
-                                          "prior.num_images=2", "prior.steps=2"]), tmp_path / "run", progress=False)
-    assert main(["sweep", str(tmp_path / "run"), "--dino", "tiny", "--clip", "tiny",
-                 "--set", "sweep.subject_guidance=[0,2.5]", "--no-progress"]) == 2
-    assert "sweep.subject_guidance is for SD 1.x/2.x" in capsys.readouterr().err
-    assert not (tmp_path / "run/sweep/samples").exists()
+    assert main(["demo", "--out", str(tmp_path / "d"), "--model", "tiny", "--steps", "2", "--quick",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "rendered 5 photos of a white striped kite" in out and "sampled 4 images" in out
+    photos = tmp_path / "d/photos"
+    assert len(list(photos.glob("photo-?.png"))) == 5 and len(list(photos.glob("photo-?.mask.png"))) == 5
+    assert (tmp_path / "d/run/samples/final/grid.png").is_file()
+    assert not (tmp_path / "d/run/world-scores.json").exists()

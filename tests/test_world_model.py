@@ -26,10 +26,20 @@ def test_class_prompts_pass_a_quick_probe_check():
     200 images at 25 steps (docs/world.md): shape 100%, color 99%, background 99.5% (pattern
     66.5%). Here 24 images at 15 steps (shape 1.0, color 0.96, background 1.0 when measured),
     with a margin for other CPUs' float rounding."""
-    from dreambooth.models import load_base_model
-    from dreambooth.world.score import base_accuracy
+    import random
 
-    acc = base_accuracy(load_base_model("world"), n=24, steps=15)
+    from dreambooth.models import load_base_model
+    from dreambooth.sample import generate
+    from dreambooth.world.probe import load_probe
+    from dreambooth.world.render import caption, is_held_out, random_scene
+
+    rng = random.Random("base-accuracy:7")
+    scenes = [s for s in (random_scene(rng) for _ in range(40)) if not is_held_out(s)][:24]
+    images = generate(load_base_model("world"), [caption(s) for s in scenes], list(range(7, 31)),
+                      steps=15, guidance=5.0, batch_size=32)
+    readings = load_probe().read(images)
+    acc = {f: sum(r[f] == getattr(s, f) for r, s in zip(readings, scenes)) / len(scenes)
+           for f in ("shape", "color", "background")}
     assert acc["shape"] >= 0.85 and acc["color"] >= 0.8 and acc["background"] >= 0.85, acc
 
 
@@ -48,7 +58,8 @@ def test_quick_demo_on_the_world_model(tmp_path, monkeypatch, capsys):
     assert "sampling and scoring: 100%" in bars and "39/39" in bars
     assert "of their input dimensions held" in out
     scores = json.loads((tmp_path / "demo/run/world-scores.json").read_text())
-    assert 0 <= scores["subject_fidelity"] <= 1
+    assert 0 <= scores["subject_fidelity"] <= 1 and 0 <= scores["prior_distance"] <= 1
+    assert (tmp_path / "demo/run/samples/final/grid.png").is_file()
     # the photos come with the subject's masks, and the preset's null-space hold runs
     assert len(list((tmp_path / "demo/photos").glob("photo-*.mask.png"))) == 5
     assert "null_space: 0.95" in (tmp_path / "demo/run/config.yaml").read_text()
@@ -72,9 +83,9 @@ def test_world_probe_metric_set_reads_the_subject_and_the_prior(tmp_path):
     model = load_base_model("world")
     first = evaluator(model, "step-000000", 0)
     again = evaluator(model, "step-000001", 1)
-    assert first["world_subject_factors"].split("-") == [subject.shape, subject.color, subject.pattern, subject.mark]
-    for key in ("world_match", "world_subject", "world_prompt"):
+    assert first["subject_factors"].split("-") == [subject.shape, subject.color, subject.pattern, subject.mark]
+    for key in ("factor_match", "subject_fidelity", "prompt_fidelity"):
         assert 0.0 <= first[key] <= 1.0
-    assert first["world_prior"] == 0.0 and again["world_prior"] == 0.0
-    assert first["fidelity"] == first["world_match"] and first["prompt_fidelity"] == first["world_prompt"]
+    assert first["prior_distance"] == 0.0 and again["prior_distance"] == 0.0
+    assert first["fidelity"] == first["factor_match"]
     assert (tmp_path / "run" / "samples" / "step-000000" / "grid.png").is_file()

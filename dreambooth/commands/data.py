@@ -9,9 +9,7 @@ from pathlib import Path
 def data(
     folder: str,
     resolution: int = 512,
-    crop: str = "center",
-    flip: float = 0.0,
-    seed: int = 0,
+    flip: bool = False,
     sheet: str | None = None,
 ) -> int:
     """Check a folder of photos and show how each will be prepared for training.
@@ -25,25 +23,15 @@ def data(
 
     Args:
         folder: folder holding the subject's photos
-        resolution: training resolution: square crops of this many pixels (default 512)
-        crop: center or random (random uses --seed)
-        flip: probability of a horizontal flip per crop, 0 to 1 (default 0)
-        seed: seed for random crops and flips (default 0)
+        resolution: training resolution: square center crops of this many pixels (default 512)
+        flip: also show each photo's mirror image, as training adds them with data.flip > 0
         sheet: write a contact sheet PNG of the crops here, outside the photo folder (default: none)
     """
-    import random
-
     from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
 
-    from dreambooth.data import contact_sheet, read_photos, square_crop
+    from dreambooth.data import contact_sheet, read_photos
     from dreambooth.errors import InputError
 
-    if crop not in ("center", "random"):
-        raise InputError(f"--crop must be 'center' or 'random', got '{crop}'")
-    if not 0.0 <= flip <= 1.0:
-        raise InputError(f"--flip is a probability between 0 and 1, got {flip}")
     if resolution < 64 or resolution % 8:
         raise InputError(f"--resolution must be a multiple of 8, at least 64; got {resolution}")
     sheet_path = _resolve(sheet, "--sheet") if sheet else None
@@ -53,26 +41,7 @@ def data(
                          "written to — put the sheet somewhere else, e.g. --sheet sheet.png")
 
     intake = read_photos(folder, resolution=resolution)
-    rng = random.Random(seed)
-    table = Table(title=escape(f"{len(intake.photos)} photos in {folder}"))
-    names = [ph.path.name for ph in intake.photos]
-    table.add_column("file", overflow="fold", min_width=min(max(map(len, names)), 48))
-    table.add_column("size", no_wrap=True)
-    table.add_column("mode", no_wrap=True)
-    table.add_column("caption", no_wrap=True)
-    table.add_column("done", min_width=30)
-    crops = []
-    for ph in intake.photos:
-        flipped = flip > 0 and rng.random() < flip  # drawn here so each row says what it got
-        crops.append(square_crop(ph.image, resolution, crop, flip=flipped, rng=rng))
-        done = ph.notes + [f"{crop}-crop {resolution}"]
-        if min(ph.image.size) < resolution:
-            done.append("upscaled")
-        if flipped:
-            done.append("flipped")
-        w, h = ph.original_size
-        cells = [ph.path.name, f"{w}×{h}", ph.original_mode, "yes" if ph.caption else "-", ", ".join(done)]
-        table.add_row(*map(escape, cells))
+    table, crops, names = _table(intake, folder, resolution, flip)
     console = Console(highlight=False)
     if not console.is_terminal:  # piped or logged: do not squeeze the table into 80 columns
         console.width = max(console.width, 120)
@@ -88,6 +57,33 @@ def data(
         contact_sheet(crops, names).save(sheet_path, format="PNG")
         print(f"contact sheet: {sheet_path}")
     return 0
+
+
+def _table(intake, folder: str, resolution: int, flip: bool):
+    """(one rich table row per photo saying what was done to it, the crops, their names)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from dreambooth.data import square_crop
+
+    table = Table(title=escape(f"{len(intake.photos)} photos in {folder}"))
+    names = [ph.path.name for ph in intake.photos]
+    table.add_column("file", overflow="fold", min_width=min(max(map(len, names)), 48))
+    for column in ("size", "mode", "caption"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("done", min_width=30)
+    crops, crop_names = [], []
+    for ph in intake.photos:
+        for mirrored in ((False, True) if flip else (False,)):
+            crops.append(square_crop(ph.image, resolution, flip=mirrored))
+            crop_names.append(ph.path.name + (" (mirrored)" if mirrored else ""))
+        done = ph.notes + [f"center-crop {resolution}"] + (["+ mirror image"] if flip else [])
+        if min(ph.image.size) < resolution:
+            done.append("upscaled")
+        w, h = ph.original_size
+        cells = [ph.path.name, f"{w}×{h}", ph.original_mode, "yes" if ph.caption else "-", ", ".join(done)]
+        table.add_row(*map(escape, cells))
+    return table, crops, crop_names
 
 
 def _resolve(path: str, what: str) -> Path:

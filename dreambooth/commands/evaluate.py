@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 
-def open_run(run: Path, checkpoint: str, dino: str | None, clip: str | None,
+def open_run(run_dir: str, checkpoint: str, dino: str | None, clip: str | None,
              overrides: list[str] | None, section: str, trust_pickle: bool = False):
-    """(model, config, checkpoint name) of a run, with --dino/--clip and --set applied (bare
-    keys belong to ``section``): what `eval` and `sweep` start from."""
-    from dreambooth.checkpoint import load_checkpoint_model
+    """(run, model, config, checkpoint name), with --dino/--clip and --set applied (bare keys
+    belong to ``section``): what `eval` and `sweep` start from."""
     from dreambooth.config import apply_overrides, set_value
-    from dreambooth.rundir import require_run
+    from dreambooth.rundir import Run
 
-    model, cfg, name = load_checkpoint_model(require_run(run), checkpoint, trust_pickle)
+    run = Run(run_dir)
+    model, cfg, name = run.load(checkpoint, trust_pickle)
     for key, value in (("eval.dino", dino), ("eval.clip", clip)):
         if value is not None:
             set_value(cfg, key, value)
     apply_overrides(cfg, overrides, section)
-    return model, cfg, name
+    return run, model, cfg, name
 
 
 def eval_run(run_dir: str, checkpoint: str = "final", dino: str | None = None,
@@ -42,17 +41,16 @@ def eval_run(run_dir: str, checkpoint: str = "final", dino: str | None = None,
     """
     from dreambooth.validation import Evaluator
 
-    run = Path(run_dir)
-    model, cfg, name = open_run(run, checkpoint, dino, clip, overrides, "eval", trust_pickle)
-    record = Evaluator(cfg, run)(model, f"eval-{name}")
+    run, model, cfg, name = open_run(run_dir, checkpoint, dino, clip, overrides, "eval", trust_pickle)
+    record = Evaluator(cfg, run.path)(model, f"eval-{name}")
     record["checkpoint"] = name
-    with (run / "evals.jsonl").open("a") as f:
+    with (run.path / "evals.jsonl").open("a") as f:
         f.write(json.dumps(record) + "\n")
     width = max(len(k) for k in record)
     for k, v in record.items():
         if k not in ("kind", "step", "name"):
             print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
-    print(f"images and scores: {run / 'samples' / ('eval-' + name)}")
+    print(f"images and scores: {run.samples / ('eval-' + name)}")
     return 0
 
 
@@ -66,7 +64,7 @@ def report(run_dir: str) -> int:
         run_dir: a run directory made by `dreambooth train`
     """
     from dreambooth.report import write_report
-    from dreambooth.rundir import require_run
+    from dreambooth.rundir import Run
 
-    print(f"report: {write_report(require_run(run_dir))}")
+    print(f"report: {write_report(Run(run_dir).path)}")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def export(run_dir: str, format: str = "diffusers", out: str = "", dtype: str = "fp32",
            checkpoint: str = "final", scale: float = 1.0, prompt: str = "",
-           tolerance: float = -1.0, trust_pickle: bool = False) -> int:
+           tolerance: float | None = None, trust_pickle: bool = False) -> int:
     """Write a run's model in another tool's format, then check that it draws the same image.
 
     Formats:
@@ -31,7 +31,7 @@ def export(run_dir: str, format: str = "diffusers", out: str = "", dtype: str = 
         checkpoint: final, best, or step-N
         scale: LoRA strength baked into the export (LoRA runs; 1.0 = as trained)
         prompt: verification prompt ({token} and {class} allowed; default: the run's first sample prompt)
-        tolerance: largest pixel difference (0-255) accepted (-1: 2 for fp32, 8 for fp16, 32 for bf16)
+        tolerance: largest pixel difference (0-255) accepted (default: 2 for fp32, 8 for fp16, 32 for bf16)
         trust_pickle: allow pickle weights (.ckpt/.pt/.bin) in the run's base model for this command only (unpickling runs code; never read from a config file)
     """
     from dreambooth.export import export_run

@@ -1,17 +1,7 @@
 """A procedural world of 64x64 scenes with known factors (shape, color, pattern, mark, background,
-pose), and probes that read those factors back from generated images.
+pose) and the shipped base model trained on it (docs/world.md).
 
-``dreambooth.world.render`` draws scenes and builds the pretraining distribution (with held-out
-subjects); ``dreambooth.world.probe`` is a small CNN that reads scenes, plus the metrics computed
-from its readings. The function ``render`` is not re-exported here: it would hide the module of
-the same name (``from dreambooth.world.render import render``).
+``render`` draws scenes and builds the pretraining distribution (with held-out subjects);
+``probe`` is a small CNN that reads scenes back, and the world metric set computed from its
+readings; ``pretrain`` trains the model (`dreambooth world pretrain`).
 """
-
-from dreambooth.world.render import (BACKGROUNDS, COLORS, FACTORS, HELD_OUT, MARKS, PATTERNS, SHAPES,
-                                     SUBJECTS, Scene, Subject, caption, class_caption,
-                                     held_out_subjects, is_held_out, random_scene, render_array,
-                                     sample_pretraining, sample_scenes)
-
-__all__ = ["BACKGROUNDS", "COLORS", "FACTORS", "HELD_OUT", "MARKS", "PATTERNS", "SHAPES", "SUBJECTS",
-           "Scene", "Subject", "caption", "class_caption", "held_out_subjects", "is_held_out",
-           "random_scene", "render_array", "sample_pretraining", "sample_scenes"]

@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import math
 import random
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -59,7 +59,6 @@ BACKGROUND_PHRASES = {
 }
 MARK_PHRASES = {"dot": "with a dot", "cross": "with a cross", "band": "with a band",
                 "eyes": "with eyes"}
-FACTORS = ("shape", "color", "pattern", "mark", "background")
 SIZE_RANGE = (0.45, 0.7)  # object bounding-box side / image width (29-45 px at 64 px)
 # The probe reads a wider range, so that it can judge any object a model draws.
 PROBE_SIZE_RANGE = (0.35, 0.75)
@@ -211,15 +210,6 @@ def caption(scene: Scene, token: str | None = None, omit=()) -> str:
     if "background" not in omit:
         text += " " + BACKGROUND_PHRASES[scene.background]
     return text
-
-
-def class_caption(shape: str, background: str | None = None) -> str:
-    """The class prompt of prior preservation: "a photo of a star" (or "... on the beach")."""
-    text = f"a photo of {_article(shape)} {shape}"
-    return text + (" " + BACKGROUND_PHRASES[background] if background else "")
-
-
-CLASS_PROMPT = "a photo of a {class}"
 
 
 # ---------------------------------------------------------------- sampling
@@ -590,7 +580,3 @@ def object_mask(scene: Scene, size: int = 64) -> np.ndarray:
 def render(scene: Scene, size: int = 64) -> Image.Image:
     """The scene as an RGB PIL image, size x size."""
     return Image.fromarray(render_array(scene, size), "RGB")
-
-
-def scene_dict(scene: Scene) -> dict:
-    return asdict(scene)

@@ -1,6 +1,6 @@
-"""Evaluation during a long DreamBooth run on the world model (docs/evaluation.md).
+"""Evaluation during a long DreamBooth run on the world model (the curves in docs/evaluation.md).
 
-    OMP_NUM_THREADS=1 python benchmarks/world_eval_curves.py --out docs/evaluation --steps 1600
+    OMP_NUM_THREADS=1 python -m research.world.world_eval_curves --out docs/evaluation --steps 1600
 
 Trains subject 0 (the one the world preset was chosen on) with the world preset for longer than the preset does, evaluating every
 --every steps with the world probes, then copies the run's curves, best.json, the evaluation

@@ -1,6 +1,6 @@
 """What holding the class prompt costs on the world model: reading time, memory, seconds per step.
 
-    python benchmarks/hold_cost.py [--null-space 0.95] [--probes 256] [--threads 1,2] [--steps 20]
+    python -m research.world.hold_cost [--null-space 0.95] [--probes 256] [--threads 1,2] [--steps 20]
 
 Each setting runs the project's real `train()` (the world preset, held-out subject 7's photos,
 8 class images) in a fresh process: no hold, `prior.null_space` (the preset's hold) and

@@ -1,6 +1,6 @@
-"""DreamBooth quality on the world model, measured with the probes (docs/world.md).
+"""DreamBooth quality on the world model, measured with the probes (research/world/results.md).
 
-    OMP_NUM_THREADS=1 python benchmarks/world_quality.py --out docs/world
+    OMP_NUM_THREADS=1 python -m research.world.world_quality --out /tmp/world-quality
 
 1. Base model: how often full captions draw the asked shape / color / pattern / background
    (and, with --named-marks N, how often captions that name a mark draw it).
@@ -9,7 +9,7 @@
    without, then score subject fidelity, prompt fidelity, prior distance (class prompt before vs
    after, same seeds) and diversity. Writes results.json and contact sheets into --out.
 
-One training run moves by up to 36 points of subject fidelity with its seed alone (docs/world.md):
+One training run moves by up to 36 points of subject fidelity with its seed alone (research/world/results.md):
 ``--seeds 0,1`` trains each run once per ``train.seed`` and adds their mean ("prior-mean").
 """
 
@@ -29,7 +29,7 @@ import torch
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="docs/world")
+    ap.add_argument("--out", default="world-quality")
     ap.add_argument("--subjects", default="1,2,3,4", help="indices into held_out_subjects()")
     ap.add_argument("--steps", type=int, default=0, help="training steps (0: the world preset's)")
     ap.add_argument("--class-samples", type=int, default=400)
@@ -64,29 +64,20 @@ def main(argv=None) -> int:
                          "then counts only the object's latent cells")
     ap.add_argument("--photos", type=int, default=5,
                     help="photos rendered per subject (Subject.photos; the world renders 3-7, the demo 5)")
-    ap.add_argument("--negatives", default="",
-                    help="also score each run's subject prompts under these negative prompts, comma-"
-                         "separated kinds of score.subject_negative: 'class' (\"a photo of a SHAPE\"), "
-                         "'context' (the prompt without its identifier); the class prompts keep none")
     ap.add_argument("--keep", default="", help="keep the runs (photos, run dirs) in this folder")
     args = ap.parse_args(argv)
-    negatives = [k.strip() for k in args.negatives.split(",") if k.strip()]
-    from dreambooth.world.score import NEGATIVES
-    if set(negatives) - set(NEGATIVES):  # before any training, not after the first run
-        ap.error(f"--negatives: unknown {sorted(set(negatives) - set(NEGATIVES))}; choose from "
-                 f"{[k for k in NEGATIVES if k]}")
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-    from dreambooth.checkpoint import load_run_model
     from dreambooth.config import build_config
     from dreambooth.data import contact_sheet
     from dreambooth.models import load_base_model
+    from dreambooth.rundir import Run
     from dreambooth.train import train
-    from dreambooth.world.probe import HEADS, expected_floor, load_probe, tv_report
+    from dreambooth.world.probe import HEADS, load_probe
     from dreambooth.world.render import held_out_subjects
-    from dreambooth.world.score import (base_accuracy, class_samples, score_world, subject_scores,
-                                        vae_ceiling)
+    from research.world.metrics import expected_floor, tv_report
+    from research.world.score import base_accuracy, class_samples, score_world, vae_ceiling
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -144,11 +135,9 @@ def main(argv=None) -> int:
                     "data.images": str(photos), "data.class_noun": subject.shape, "model.path": args.model})
                 run_dir = work / subject.name / name.replace("@", "-")
                 train(cfg, run_dir, progress=False)
-                tuned, cfg = load_run_model(run_dir)
+                tuned, cfg, _ = Run(run_dir).load()
                 s = score_world(tuned, subject, cfg.data.token, base_readings=before, n_class=n,
-                                guidance=args.guidance, probe=probe,
-                                subject_guidance=cfg.sample.subject_guidance,
-                                subject_below=cfg.sample.subject_guidance_below)
+                                guidance=args.guidance, probe=probe)
                 row[name] = s.summary()
                 saved[name] = s.class_readings
                 if len(prefixes) > 1:
@@ -158,14 +147,6 @@ def main(argv=None) -> int:
                 if i == 0:
                     sheets += [(f"{label}: {p}", im) for p, seed, im in s.images if seed < 2]
                     sheets += [(f"{label}: a photo of a {subject.shape}", im) for im in s.class_images[:6]]
-                for kind in negatives:
-                    ns = subject_scores(tuned, subject, cfg.data.token, negative=kind,
-                                        guidance=args.guidance, probe=probe,
-                                        subject_guidance=cfg.sample.subject_guidance,
-                                        subject_below=cfg.sample.subject_guidance_below)
-                    row[name].setdefault("negatives", {})[kind] = ns.summary()
-                    if i == 0:
-                        sheets += [(f"{label}, negative {kind}: {p}", im) for p, seed, im in ns.images if seed < 2]
                 runs.append(row[name])
                 print(subject.name, name, json.dumps(row[name]))
             if len(runs) > 1:
@@ -174,10 +155,6 @@ def main(argv=None) -> int:
                     "subject_fidelity": round(sum(r["subject_fidelity"] for r in runs) / len(runs), 4),
                     "prompt_fidelity": round(sum(r["prompt_fidelity"] for r in runs) / len(runs), 4),
                     "prior_distance": round(sum(r["prior_distance"]["mean"] for r in runs) / len(runs), 4)}
-                for kind in runs[0].get("negatives", {}):
-                    row[f"{label}-mean"].setdefault("negatives", {})[kind] = {
-                        m: round(sum(r["negatives"][kind][m] for r in runs) / len(runs), 4)
-                        for m in ("subject_fidelity", "prompt_fidelity")}
                 print(subject.name, f"{label}-mean", json.dumps(row[f"{label}-mean"]))
         results["subjects"][subject.name] = row
         if args.save_readings:

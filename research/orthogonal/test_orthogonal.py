@@ -1,14 +1,14 @@
-"""prior.orthogonal_probes: the bases' math exactly, and a run whose UNet change stays off them."""
+"""The orthogonal-probe hold: the bases' math exactly, and a run whose UNet change stays off them."""
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from dreambooth import orthogonal
-from dreambooth.commands.demo import paint_subject
-from dreambooth.config import build_config
-from dreambooth.errors import ConfigError
-from dreambooth.train import TrainingError, train
+from dreambooth.train import train
+from research.orthogonal import orthogonal
+from research.orthogonal.train_probes import train_with_probes
+
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def randn(*shape, seed=0):
@@ -47,16 +47,9 @@ def test_hold_projects_each_tensor_in_place():
     assert torch.allclose(params[1], base[1], atol=1e-5)  # 7 weights, 9 probes: held whole
 
 
-@pytest.fixture
-def photos(tmp_path_factory, tmp_path, monkeypatch):
-    monkeypatch.setenv("DREAMBOOTH_CACHE", str(tmp_path / "cache"))
-    return paint_subject(tmp_path_factory.mktemp("photos"), count=3)[0].parent
+import test_nullspace  # noqa: E402  (tests/: the same tiny run and photos fixture)
 
-
-def make_cfg(photos, *sets):
-    return build_config("tiny", overrides=[
-        f"data.images={photos}", "data.class_noun=toy", "data.token=waj", "prior.num_images=4",
-        "prior.steps=2", "train.steps=5", "train.lr=1e-3", "train.checkpoint_every=5", *sets])
+make_cfg, photos = test_nullspace.make_cfg, test_nullspace.photos
 
 
 def unet_change(run_dir, base_unet):
@@ -71,7 +64,7 @@ def test_the_run_s_change_stays_off_the_class_prompt_s_probes(photos, tmp_path):
     from dreambooth.models import build_tiny, concat_cond, encode_prompts
     from dreambooth.prior import class_images, encode_images
 
-    train(make_cfg(photos, "prior.orthogonal_probes=4"), tmp_path / "held", progress=False)
+    train_with_probes(make_cfg(photos), tmp_path / "held", probes=4)
     train(make_cfg(photos), tmp_path / "free", progress=False)
     base = build_tiny()
     cfg = make_cfg(photos)
@@ -93,33 +86,3 @@ def test_the_run_s_change_stays_off_the_class_prompt_s_probes(photos, tmp_path):
     assert small and all(d.abs().max() < 1e-6 for d in small)
     moved = sum(float(d.pow(2).sum()) for d in held) ** 0.5
     assert moved > 0.1 * sum(float(d.pow(2).sum()) for d in free) ** 0.5  # it still learns
-
-
-def test_orthogonal_probes_need_full_fine_tuning_and_are_off_without_a_prior(photos, tmp_path, capsys):
-    with pytest.raises(TrainingError, match="it needs train.mode=full"):
-        train(make_cfg(photos, "prior.orthogonal_probes=4", "train.mode=lora"), tmp_path / "lora",
-              progress=False)
-    # a preset with the probes on still trains without a prior (the paper's failure, for comparison)
-    train(make_cfg(photos, "prior.orthogonal_probes=4", "prior.enabled=false"), tmp_path / "none",
-          progress=False)
-    assert "prior.orthogonal_probes is off in this run" in capsys.readouterr().out
-    assert "orthogonal_probes: 0" in (tmp_path / "none" / "config.yaml").read_text()
-
-
-def test_probe_settings_out_of_range_are_refused_before_any_work(photos, tmp_path):
-    with pytest.raises(ConfigError, match=r"'prior.orthogonal_min_t' must be less than 1000, got 1000"):
-        make_cfg(photos, "prior.orthogonal_probes=4", "prior.orthogonal_min_t=1000")
-    with pytest.raises(ConfigError, match="'prior.orthogonal_probes' must be at least 0, got -1"):
-        make_cfg(photos, "prior.orthogonal_probes=-1")
-    cache = tmp_path / "cache"
-    assert not cache.exists() or not any(cache.rglob("*.png"))
-
-
-def test_bases_larger_than_free_memory_are_refused_before_any_work(photos, tmp_path, monkeypatch):
-    """A Stable Diffusion UNet at K=256 would need 880 GB: say so, with the fix, before class
-    images are drawn."""
-    monkeypatch.setattr(orthogonal, "free_bytes", lambda: 2**20)
-    with pytest.raises(TrainingError, match=r"prior.orthogonal_probes=4 keeps 4 directions .* GiB free"):
-        train(make_cfg(photos, "prior.orthogonal_probes=4"), tmp_path / "run", progress=False)
-    cache = tmp_path / "cache"  # DREAMBOOTH_CACHE: where class images would have been drawn
-    assert not cache.exists() or not any(cache.rglob("*.png"))

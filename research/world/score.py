@@ -1,4 +1,7 @@
-"""Score DreamBooth on the world model with the probes (generation + reading + metrics).
+"""Score DreamBooth on the world model with the probes (generation + reading + metrics): the
+benchmarks' scorer, with more detail than the package's evaluator (``dreambooth.validation``, whose
+world set is the same subject fidelity, prompt fidelity and prior distance): diversity, per-factor
+matches, the base model's accuracy, the VAE ceiling, subject guidance.
 
 For a subject taught with identifier TOKEN and class noun SHAPE:
   subject fidelity   fraction of "a photo of TOKEN SHAPE <context>" images whose shape, color,
@@ -37,21 +40,6 @@ def class_samples(model: BaseModel, shape: str, n: int, probe, steps: int = 25,
     return probe.read(images), images
 
 
-NEGATIVES = ("", "class", "context")  # what subject_negative can give the subject prompts
-
-
-def subject_negative(kind: str, shape: str, background: str | None) -> str:
-    """The negative prompt of a subject prompt. "": none (guidance pushes along the whole prompt);
-    "class": "a photo of a SHAPE"; "context": the prompt without its identifier ("a photo of a SHAPE
-    on the beach"), so that guidance pushes along what the identifier adds to the class."""
-    if kind not in NEGATIVES:
-        raise ValueError(f"unknown subject negative {kind!r}; choose one of {NEGATIVES}")
-    if kind == "":
-        return ""
-    context = f" {BACKGROUND_PHRASES[background]}" if kind == "context" and background else ""
-    return f"a photo of a {shape}{context}"
-
-
 @dataclass
 class SubjectScores:
     """What the subject prompts' images read: fidelity, prompt fidelity, diversity."""
@@ -80,23 +68,31 @@ class WorldScores(SubjectScores):
                 "prior_distance": {k: round(v, 4) for k, v in self.prior_distance.items()}}
 
 
-def subject_scores(tuned: BaseModel, subject: Subject, token: str, *, negative: str = "",
-                   seeds: int = 4, steps: int = 25, guidance: float = 5.0, probe=None,
+def generate(model, prompts, seeds, *, subject_guidance: float = 0.0, subject_below: int = 400,
+             token: str = "", class_noun: str = "", **kw) -> list:
+    """``dreambooth.sample.generate``, or with subject guidance h > 0 research/subject_guidance's."""
+    if subject_guidance:
+        from research.subject_guidance.guidance import generate_guided
+
+        return generate_guided(model, prompts, seeds, subject_guidance=subject_guidance,
+                               subject_below=subject_below, token=token, class_noun=class_noun, **kw)
+    from dreambooth.sample import generate as plain
+
+    return plain(model, prompts, seeds, **kw)
+
+
+def subject_scores(tuned: BaseModel, subject: Subject, token: str, *, seeds: int = 4, steps: int = 25, guidance: float = 5.0, probe=None,
                    subject_guidance: float = 0.0, subject_below: int = 400,
                    progress: Callable[[int], None] | None = None) -> SubjectScores:
-    """Sample the subject prompts (``seeds`` seeds each, the negative prompt of kind ``negative``,
-    ``generate``'s subject guidance) and read them: subject fidelity, prompt fidelity, diversity
+    """Sample the subject prompts (``seeds`` seeds each, subject guidance when asked) and read them: subject fidelity, prompt fidelity, diversity
     of the plain prompt. ``progress`` is called with the number of images drawn after each batch."""
-    from dreambooth.sample import generate
-    from dreambooth.world.probe import (diversity, factor_match, load_probe, prompt_fidelity,
-                                        subject_fidelity)
+    from dreambooth.world.probe import load_probe
+    from research.world.metrics import diversity, factor_match, prompt_fidelity, subject_fidelity
 
     probe = probe or load_probe()
     pairs = [(p, bg, s) for p, bg in subject_prompts(token, subject.shape) for s in range(seeds)]
     images = generate(tuned, [p for p, _, _ in pairs], [s for _, _, s in pairs], steps=steps,
-                      guidance=guidance, batch_size=32,
-                      negative_prompt=[subject_negative(negative, subject.shape, bg) for _, bg, _ in pairs],
-                      subject_guidance=subject_guidance, subject_below=subject_below, token=token,
+                      guidance=guidance, batch_size=32, subject_guidance=subject_guidance, subject_below=subject_below, token=token,
                       class_noun=subject.shape, progress=progress)
     readings = probe.read(images)
     in_context = [(r, bg) for r, (_, bg, _) in zip(readings, pairs) if bg is not None]
@@ -110,19 +106,18 @@ def subject_scores(tuned: BaseModel, subject: Subject, token: str, *, negative: 
 
 def score_world(tuned: BaseModel, subject: Subject, token: str, *, base: BaseModel | None = None,
                 base_readings: list[dict] | None = None, seeds: int = 4, n_class: int = 200,
-                steps: int = 25, guidance: float = 5.0, probe=None, negative: str = "",
-                subject_guidance: float = 0.0, subject_below: int = 400,
+                steps: int = 25, guidance: float = 5.0, probe=None, subject_guidance: float = 0.0, subject_below: int = 400,
                 progress: Callable[[int], None] | None = None) -> WorldScores:
     """Generate and score; the base model's class readings may be passed in to reuse them.
-    ``negative`` is the subject prompts' negative (subject_negative); class prompts have none.
     ``subject_guidance`` (``generate``'s) acts on the subject prompts only: the class prompt holds no
     identifier, so its samples are the same with or without it.
     ``progress`` is called with the number of images drawn after each batch: seeds x 7 subject
     images, n_class class images of the tuned model, and n_class of the base unless passed in."""
-    from dreambooth.world.probe import load_probe, tv_report
+    from dreambooth.world.probe import load_probe
+    from research.world.metrics import tv_report
 
     probe = probe or load_probe()
-    s = subject_scores(tuned, subject, token, negative=negative, seeds=seeds, steps=steps,
+    s = subject_scores(tuned, subject, token, seeds=seeds, steps=steps,
                        guidance=guidance, probe=probe, subject_guidance=subject_guidance,
                        subject_below=subject_below, progress=progress)
     if base_readings is None:
@@ -181,7 +176,8 @@ def vae_ceiling(model: BaseModel, subject: Subject, n: int = 20, probe=None) -> 
 
     from dreambooth.data import to_tensor
     from dreambooth.models import encode_latents
-    from dreambooth.world.probe import load_probe, subject_fidelity
+    from dreambooth.world.probe import load_probe
+    from research.world.metrics import subject_fidelity
 
     probe = probe or load_probe()
     photos = [im for im, _ in subject.photos(n, seed=1)]
