@@ -32,6 +32,7 @@ import yaml
 from dreambooth.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "configs"
+SAMPLERS = ("dpmpp", "unipc", "ddim", "ddpm", "euler")  # euler: the flow-matching families' sampler
 MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; refuse to read megabytes
 
 # Upper bounds shared by several keys. They keep a typo (an extra zero or three) from starting a
@@ -132,7 +133,7 @@ def _choices(*values: str, default: str) -> Any:
 @dataclass
 class ModelConfig:
     path: str = "tiny"  # a local diffusers folder, a single .safetensors file, or "tiny"
-    kind: str = _choices("auto", "sd1", "sd2", "sdxl", default="auto")
+    kind: str = _choices("auto", "sd1", "sd2", "sdxl", "flux1", "sd3", default="auto")
     prediction_type: str = _choices("auto", "epsilon", "v_prediction", default="auto")
     # (no trust_pickle: trust in a pickle checkpoint comes only from --trust-pickle on the command
     # line of this invocation, never from a file; a run's old `model.trust_pickle` is dropped when
@@ -162,7 +163,7 @@ class PriorConfig:
     weight: float = _num(1.0, 0)  # lambda in  loss = instance + lambda * prior
     num_images: int = _num(200, 1, MAX_IMAGES)  # (prior.enabled=false turns the prior off)
     class_images: str = ""  # a folder of the user's own class photos instead of generating
-    scheduler: str = _choices("dpmpp", "unipc", "ddim", default="dpmpp")
+    scheduler: str = _choices(*SAMPLERS[:3], "euler", default="dpmpp")
     steps: int = _num(25, 1, MAX_SAMPLER_STEPS)
     guidance: float = _num(7.5, 0)
     negative_prompt: str = ""
@@ -217,6 +218,10 @@ class LoraConfig:
     alpha: float = _num(4.0, 0, low_open=True)  # the update is scaled by alpha / rank: 0 is none
     dropout: float = _num(0.0, 0, 1, high_open=True)
     unet_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    # FLUX.1 / SD 3.x: attention, image and text streams (add "ff.net.0.proj", "ff.net.2", "proj_mlp",
+    # "proj_out", "norm1.linear", ... for feed-forward and norm-modulation layers)
+    transformer_targets: list[str] = field(default_factory=lambda: [
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"])
     text_encoder_targets: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
     )
@@ -235,7 +240,7 @@ class SampleConfig:
     num_images: int = _num(2, 1, MAX_IMAGES)
     steps: int = _num(25, 1, MAX_SAMPLER_STEPS)
     guidance: float = _num(7.5, 0)
-    scheduler: str = _choices("dpmpp", "unipc", "ddim", "ddpm", default="dpmpp")
+    scheduler: str = _choices(*SAMPLERS, default="dpmpp")
     negative_prompt: str = ""
     seed: int = _num(0, 0, MAX_SEED)
 
@@ -258,7 +263,7 @@ class EvalConfig:
     seed: int = _num(1000, 0, MAX_SEED)
     steps: int = _num(25, 1, MAX_SAMPLER_STEPS)
     guidance: float = _num(7.5, 0)
-    scheduler: str = _choices("dpmpp", "unipc", "ddim", "ddpm", default="dpmpp")
+    scheduler: str = _choices(*SAMPLERS, default="dpmpp")
     # auto: the world probes on the world model, plus DINO/CLIP when eval.dino and eval.clip are set
     metrics: str = _choices("auto", "clip", "world", default="auto")
     dino: str = ""  # local folder of facebook/dino-vits16 ("tiny": a random in-process ViT)
@@ -275,7 +280,7 @@ class SweepConfig:
     guidance: list[float] = _num([3.0, 5.0, 7.5, 10.0], 0)
     steps: list[int] = _num([15, 25, 40], 1, MAX_SAMPLER_STEPS)
     scheduler: list[str] = field(default_factory=lambda: ["dpmpp", "unipc", "ddim"],
-                                 metadata={"choices": ("dpmpp", "unipc", "ddim", "ddpm")})
+                                 metadata={"choices": SAMPLERS})
     lora_scale: list[float] = _num([0.6, 0.8, 1.0], 0)  # LoRA runs only
     prompts: list[str] = field(  # the prompts settings are tuned on
         default_factory=lambda: ["a photo of {token} {class} on the beach",
@@ -290,6 +295,23 @@ class SweepConfig:
 
 
 @dataclass
+class FlowConfig:
+    """Flow-matching families (FLUX.1, SD 3.x); the UNet families ignore this section. Defaults
+    are the diffusers reference scripts' (train_dreambooth_lora_flux.py / _sd3.py) and the SD3
+    paper's best timestep sampling (logit-normal, mean 0, std 1); dreambooth/flow.py has the math."""
+
+    timestep_sampling: str = _choices("logit_normal", "uniform", "mode", default="logit_normal")
+    logit_mean: float = _num(0.0, -10, 10)
+    logit_std: float = _num(1.0, 0, 10, low_open=True)
+    mode_scale: float = _num(1.29, -1, 3)
+    weighting: str = _choices("none", "sigma_sqrt", "cosmap", default="none")  # per-sample loss weights
+    shift: float = _num(0.0, 0, 100)  # the training timesteps' static shift; 0: the scheduler's own
+    resolution_shift: bool = False  # FLUX.1: shift by the training resolution's mu instead (BFL's sampling)
+    guidance: float = _num(1.0, 0, 100)  # FLUX.1 [dev]'s distilled-guidance input while training
+    max_sequence_length: int = _num(0, 0, 512)  # T5 tokens; 0: the model's (512 FLUX.1, 256 SD 3.x)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -299,6 +321,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from dreambooth.base_model import FLOW_KINDS
 from dreambooth.errors import DreamboothError
 from dreambooth.files import DiskFullError, atomic_dir, atomic_file, published_stem, write_text_atomic
 from dreambooth.prompts import fill_prompt
@@ -41,7 +42,7 @@ FILE_FORMATS = ("single-file", "lora-kohya")
 # denoising steps carry that into the image.
 TOLERANCE = {"fp32": 2.0, "fp16": 8.0, "bf16": 32.0}
 VERIFY_STEPS = 4
-KOHYA_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+KOHYA_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "flux1": "flux1", "sd3": "sd3"}
 
 
 class ExportError(DreamboothError):
@@ -118,7 +119,8 @@ def write_diffusers(model, out: Path, dtype) -> None:
     if has_lora(model):
         merge_lora(model)  # at the strength scale_lora already set
     for module in _modules(model):
-        module.to(dtype)
+        if next(module.parameters()).dtype != dtype:
+            module.to(dtype)
     model.save(out)
 
 
@@ -128,7 +130,12 @@ def write_single_file(model, out: Path, dtype) -> None:
 
     if has_lora(model):
         merge_lora(model)
-    save_single_file(model, out, dtype)
+    if model.kind in FLOW_KINDS:  # the transformer alone, in BFL's / SAI's layout
+        from dreambooth.transformer_files import save_transformer_file
+
+        save_transformer_file(model.transformer, out, dtype)
+    else:
+        save_single_file(model, out, dtype)
 
 
 def write_lora_diffusers(model, out: Path, dtype) -> None:
@@ -169,12 +176,40 @@ def reload(fmt: str, out: Path, cfg, config_dir: Path | None, trust_pickle: bool
 
     if fmt in ("diffusers", "merged"):
         return load_base_model(str(out))
-    if fmt == "single-file":
+    if fmt == "single-file" and config_dir is not None:  # the UNet kinds: a whole model
         from dreambooth.single_file import load_single_file
 
         return load_single_file(out, config=config_dir)
     base = load_configured(cfg.model, trust_pickle=trust_pickle)
+    if fmt == "single-file":  # a transformer file: into the run's base model
+        from dreambooth.transformer_files import load_transformer_file
+
+        base.transformer = load_transformer_file(out)
+        return base
+    if fmt == "lora-kohya" and base.kind in FLOW_KINDS:
+        return _load_kohya_transformer_lora(base, out)
     base.pipeline().load_lora_weights(str(out))
+    return base
+
+
+def _load_kohya_transformer_lora(base, out: Path):
+    """A FLUX.1 / SD 3.x kohya file read back by our own inverse (``kohya.from_kohya``: diffusers
+    converts FLUX.1's only at the released widths, SD 3.x's not at all), then loaded as a diffusers
+    LoRA; ComfyUI's reading of these names is checked separately (docs/export.md)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from dreambooth.kohya import TEXT_PREFIXES, from_kohya
+    from dreambooth.lora import diffusers_lora_layers
+
+    text = [f"{part}.{path}" for part in TEXT_PREFIXES[base.kind] if getattr(base, part, None) is not None
+            for path, m in getattr(base, part).named_modules() if isinstance(m, torch.nn.Linear)]
+    layers = from_kohya(load_file(str(out)), text, base.kind)
+    with tempfile.TemporaryDirectory(prefix="dreambooth-kohya-") as tmp:
+        type(base.pipeline()).save_lora_weights(
+            tmp, **{f"{c}_lora_layers": sd for c, sd in diffusers_lora_layers(layers).items()},
+            safe_serialization=True)
+        base.pipeline().load_lora_weights(tmp)
     return base
 
 
@@ -229,7 +264,8 @@ def write_and_reload(model, fmt: str, out: Path, dtype, cfg, settings: dict, log
     def write(tmp: Path) -> None:
         with tempfile.TemporaryDirectory(prefix="dreambooth-export-") as scratch:
             # a single file is read back with this model's own configs (it may be any size)
-            config_dir = write_configs(model, Path(scratch) / "configs") if fmt == "single-file" else None
+            config_dir = (write_configs(model, Path(scratch) / "configs")
+                          if fmt == "single-file" and model.kind not in FLOW_KINDS else None)
             WRITERS[fmt](model, tmp, dtype)
             log(f"wrote {out}; verifying ...")
             drawn.append(render(reload(fmt, tmp, cfg, config_dir, trust_pickle), settings))
@@ -263,6 +299,9 @@ def export_run(run_dir: str | Path, fmt: str = "diffusers", out: str | Path = ""
         check_output(Path(out), fmt, run.config.data.images)
 
     model, cfg, name = run.load(checkpoint, trust_pickle)
+    if fmt == "single-file" and model.kind in FLOW_KINDS and (cfg.train.train_text_encoder or cfg.train.train_token):
+        raise ExportError(f"a {model.kind} single file holds the transformer alone, and {run_dir} also trained "
+                          "its text encoders: export it with --format diffusers (or a LoRA format)")
     out = Path(out) if out else default_output(run_dir, name, fmt, dtype)
     check_output(out, fmt, cfg.data.images)
     if mode == "lora":

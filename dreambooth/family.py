@@ -14,7 +14,8 @@ The training recipe (``dreambooth.train``) calls only these methods, so a new ki
     loss_weights(model, t, snr_gamma)      per-sample loss weights, or None
 
 ``UNetFamily`` is Stable Diffusion 1.x, 2.x (ε or v prediction) and SDXL: a DDPM noise schedule
-and a UNet2DConditionModel conditioned on CLIP text encoders.
+and a UNet2DConditionModel conditioned on CLIP text encoders. ``dreambooth.flow_family`` has the
+flow-matching transformers, FLUX.1 and SD 3.x.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from dreambooth.loss import min_snr_weights, snr, training_target
+from dreambooth.base_model import FLOW_KINDS
 from dreambooth.models import BaseModel, concat_cond, encode_prompts
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # module names; the second is SDXL's
@@ -72,9 +74,16 @@ class UNetFamily:
         return min_snr_weights(snr(t.cpu(), model.scheduler.alphas_cumprod), snr_gamma, model.prediction_type)
 
 
-FAMILIES = {"sd1": UNetFamily(), "sd2": UNetFamily(), "sdxl": UNetFamily()}
+UNET = UNetFamily()
 
 
-def family_of(model: BaseModel):
-    """The family of ``model`` (by its ``kind``)."""
-    return FAMILIES[model.kind]
+def family_of(model: BaseModel, cfg=None):
+    """The family of ``model`` (by its ``kind``), with the run's ``flow`` settings for the
+    flow-matching kinds (``dreambooth.flow_family``)."""
+    if model.kind not in FLOW_KINDS:
+        return UNET
+    from dreambooth.flow_family import FluxFamily, SD3Family
+
+    cls = FluxFamily if model.kind == "flux1" else SD3Family
+    return cls(cfg.flow if cfg is not None else None, model,
+               cfg.data.resolution if cfg is not None else model.resolution)

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 from dreambooth.models import BaseModel
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 @dataclass
@@ -100,10 +100,11 @@ def diffusers_lora_layers(layers: dict[str, LoraLayer], dtype=None) -> dict[str,
     peft_style: dict[str, dict[str, Any]] = {}
     for key, layer in layers.items():
         component, _, path = key.partition(".")
-        if component != "unet":
+        if component.startswith("text_encoder"):
             path = text_model_path(path)
         up = layer.up * (layer.alpha / layer.rank)
         part = peft_style.setdefault(component, {})
         part[f"{path}.lora_A.weight"] = layer.down.to(dtype or layer.down.dtype).contiguous()
         part[f"{path}.lora_B.weight"] = up.to(dtype or up.dtype).contiguous()
-    return {c: convert_state_dict_to_diffusers(sd) for c, sd in peft_style.items()}
+    # the transformer families' files keep peft's names, as diffusers' own FLUX.1 / SD3 scripts save them
+    return {c: sd if c == "transformer" else convert_state_dict_to_diffusers(sd) for c, sd in peft_style.items()}

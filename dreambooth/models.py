@@ -1,11 +1,9 @@
-"""Base models: load a local diffusers folder or single-file checkpoint (SD 1.x, 2.x, SDXL), or
-build a tiny one in-process.
+"""Base models: load a local diffusers folder (SD 1.x, 2.x, SDXL, FLUX.1, SD 3.x) or single-file
+checkpoint (SD 1.x, 2.x, SDXL), or build a tiny one in-process (``dreambooth.tiny``); encode
+prompts and latents for the UNet kinds.
 
 Nothing here downloads: loading is ``local_files_only`` and ``HF_HUB_OFFLINE=1`` is set by the
-CLI. ``tiny``, ``tiny-sd2`` and ``tiny-sdxl`` are small random models of the real architectures
-(UNet2DConditionModel, AutoencoderKL, CLIPTextModel with the real CLIP tokenizer, DDPM
-scheduler) that build in about a second, for tests and CPU runs. Their attention uses one or two
-wide heads: many narrow heads dominate CPU time.
+CLI.
 """
 
 from __future__ import annotations
@@ -16,77 +14,20 @@ from typing import Any
 
 from dreambooth.base_model import PICKLE_SUFFIXES, SINGLE_FILE_SUFFIXES, TINY_NAMES, BaseModel
 from dreambooth.errors import ModelError
+from dreambooth.tiny import build_tiny
 
 WORLD_MODEL = Path(__file__).parent / "world" / "model"  # the shipped self-trained base model
 EXPECTED = "model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/"
-
-
-# ---------------------------------------------------------------- tiny models
-
-
-def _tiny_text_encoder(hidden: int, with_projection: bool = False, pad_id: int = 49407):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(
-        vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=1,
-        num_hidden_layers=2, max_position_embeddings=77, projection_dim=hidden,
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=pad_id, hidden_act="quick_gelu",
-    )
-    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    return cls(config)
-
-
-def build_tiny(name: str = "tiny", seed: int = 0, resolution: int = 64) -> BaseModel:
-    """A tiny random model of the real architecture; the same ``seed`` gives the same weights."""
-    import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-
-    from dreambooth.tokenizer import clip_tokenizer
-
-    if name not in TINY_NAMES:
-        raise ModelError(f"unknown tiny model '{name}'; choose one of {', '.join(TINY_NAMES)}")
-    kind = {"tiny": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}[name]
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=resolution,
-        block_out_channels=(16, 32, 32, 32), norm_num_groups=8, layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    )
-    unet_args: dict[str, Any] = dict(
-        sample_size=resolution // 8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), norm_num_groups=32, cross_attention_dim=32,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=1,
-    )
-    extra: dict[str, Any] = {}
-    if kind == "sd1":
-        text_encoder, tokenizer = _tiny_text_encoder(32), clip_tokenizer()
-    elif kind == "sd2":  # SD 2.x: linear projections in attention, v-prediction, pads with "!"
-        unet_args.update(use_linear_projection=True)
-        text_encoder, tokenizer = _tiny_text_encoder(32, pad_id=0), clip_tokenizer(pad_token="!")
-    else:  # SDXL: two text encoders (concatenated), pooled text + size/crop "time ids"
-        unet_args.update(
-            cross_attention_dim=64, use_linear_projection=True, addition_embed_type="text_time",
-            addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32,
-        )
-        text_encoder, tokenizer = _tiny_text_encoder(32), clip_tokenizer()
-        extra = dict(text_encoder_2=_tiny_text_encoder(32, with_projection=True, pad_id=0),
-                     tokenizer_2=clip_tokenizer(pad_token="!"))
-    unet = UNet2DConditionModel(**unet_args)
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, steps_offset=1,
-        prediction_type="v_prediction" if kind == "sd2" else "epsilon",
-    )
-    return BaseModel(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                     scheduler=scheduler, kind=kind, source=name, **extra)
 
 
 # ---------------------------------------------------------------- local folders
 
 
 def _detect_kind(folder: Path, index: dict) -> str:
-    if "XL" in index.get("_class_name", "") or "text_encoder_2" in index:
+    pipeline = index.get("_class_name", "")
+    if pipeline.startswith("Flux") or pipeline.startswith("StableDiffusion3"):
+        return "flux1" if pipeline.startswith("Flux") else "sd3"
+    if "XL" in pipeline or "text_encoder_2" in index:
         return "sdxl"
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     te = json.loads((folder / "text_encoder" / "config.json").read_text())
@@ -122,9 +63,8 @@ def check_model_folder(folder: Path) -> dict:
         raise ModelError(f"{index_path} cannot be read ({e}): the folder is damaged; copy it again") from None
     if not isinstance(index, dict):
         raise ModelError(f"{index_path} is not a diffusers model index (a JSON object): copy the folder again")
-    needed = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
-    if "text_encoder_2" in index:
-        needed += ["text_encoder_2", "tokenizer_2"]
+    needed = ["transformer" if "transformer" in index else "unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+    needed += [name for n in (2, 3) for name in (f"text_encoder_{n}", f"tokenizer_{n}") if f"text_encoder_{n}" in index]
     missing = [n for n in needed if not (folder / n).is_dir()]
     if missing:
         raise ModelError(
@@ -184,35 +124,50 @@ def load_base_model(path: str, kind: str = "auto", prediction_type: str = "auto"
     return model
 
 
+# What each part of a diffusers folder is, per kind: (library, class). Schedulers are read as
+# the scheduler training uses (DDPM, or flow matching's Euler), whatever the folder's says.
+_CLIP, _CLIP_PROJ, _CLIP_TOK = ("transformers", "CLIPTextModel"), ("transformers", "CLIPTextModelWithProjection"), \
+    ("transformers", "CLIPTokenizer")
+_T5, _T5_TOK = ("transformers", "T5EncoderModel"), ("transformers", "T5TokenizerFast")
+_SD = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"), "text_encoder": _CLIP,
+       "tokenizer": _CLIP_TOK, "scheduler": ("diffusers", "DDPMScheduler")}
+_FLOW = {"vae": ("diffusers", "AutoencoderKL"), "tokenizer": _CLIP_TOK,
+         "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler")}
+PARTS = {
+    "sd1": _SD, "sd2": _SD,
+    "sdxl": {**_SD, "text_encoder_2": _CLIP_PROJ, "tokenizer_2": _CLIP_TOK},
+    "flux1": {**_FLOW, "transformer": ("diffusers", "FluxTransformer2DModel"), "text_encoder": _CLIP,
+              "text_encoder_2": _T5, "tokenizer_2": _T5_TOK},
+    "sd3": {**_FLOW, "transformer": ("diffusers", "SD3Transformer2DModel"), "text_encoder": _CLIP_PROJ,
+            "text_encoder_2": _CLIP_PROJ, "tokenizer_2": _CLIP_TOK, "text_encoder_3": _T5, "tokenizer_3": _T5_TOK},
+}
+
+
 def load_folder(folder: Path, kind: str = "auto", trust_pickle: bool = False) -> BaseModel:
     """A local diffusers folder as a ``BaseModel`` (float32). A part that cannot be read (a
     damaged weight file, a broken config) is a ModelError naming that part."""
+    import importlib
+
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     index = check_model_folder(folder)
     detected = read_part(folder, "text_encoder", lambda: _detect_kind(folder, index))
     if kind not in ("auto", detected):
         raise ModelError(f"{folder} looks like {detected}, but the config says model.kind={kind}")
-    parts = [p for p in ("unet", "vae", "text_encoder", "text_encoder_2") if p in index]
-    safe = check_weight_files(folder, parts, trust_pickle)
-    opts = dict(local_files_only=True)
-    fp32 = dict(opts, torch_dtype=torch.float32, use_safetensors=safe or None)  # fp16 weights load as fp32
-    fp32_tf = dict(opts, dtype=torch.float32, use_safetensors=safe or None)
-    loaders = {
-        "unet": lambda: UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **fp32),
-        "vae": lambda: AutoencoderKL.from_pretrained(folder, subfolder="vae", **fp32),
-        "text_encoder": lambda: CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **fp32_tf),
-        "tokenizer": lambda: CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **opts),
-        "scheduler": lambda: DDPMScheduler.from_pretrained(folder, subfolder="scheduler", **opts),
-    }
-    if detected == "sdxl":
-        loaders["text_encoder_2"] = lambda: CLIPTextModelWithProjection.from_pretrained(
-            folder, subfolder="text_encoder_2", **fp32_tf)
-        loaders["tokenizer_2"] = lambda: CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2", **opts)
-    loaded = {name: read_part(folder, name, load) for name, load in loaders.items()}
-    return BaseModel(**loaded, kind=detected, source=str(folder))
+    weights = [p for p in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+               if p in index]
+    safe = check_weight_files(folder, weights, trust_pickle)
+
+    def loader(name: str, library: str, cls_name: str):
+        cls = getattr(importlib.import_module(library), cls_name)
+        kwargs: dict = dict(subfolder=name, local_files_only=True)
+        if name in weights:  # fp16 weights load as fp32
+            kwargs.update({"torch_dtype" if library == "diffusers" else "dtype": torch.float32},
+                          use_safetensors=safe or None)
+        return lambda: cls.from_pretrained(folder, **kwargs)
+
+    loaded = {name: read_part(folder, name, loader(name, *where)) for name, where in PARTS[detected].items()}
+    return BaseModel(**{"unet": None, **loaded}, kind=detected, source=str(folder))
 
 
 def read_part(folder: Path, part: str, load):
@@ -276,11 +231,12 @@ def concat_cond(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 def encode_latents(model: BaseModel, pixels, batch: int = 8):
     """VAE latents of (N, 3, H, W) pixels in [-1, 1]: the posterior *mean* (deterministic, so it
-    can be computed once and cached) times ``vae.config.scaling_factor``; float32 on the CPU."""
+    can be computed once and cached), minus the VAE's ``shift_factor`` (FLUX.1's and SD 3.x's),
+    times its ``scaling_factor``, as their pipelines decode them; float32 on the CPU."""
     import torch
 
     vae = model.vae
     with torch.no_grad():
         out = [vae.encode(pixels[i:i + batch].to(vae.device, vae.dtype)).latent_dist.mean.float().cpu()
                for i in range(0, len(pixels), batch)]
-    return torch.cat(out) * vae.config.scaling_factor
+    return (torch.cat(out) - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor

@@ -151,8 +151,8 @@ def load_image(path: Path, resolution: int):
 @torch.no_grad()
 def encode_images(model: BaseModel, paths: list[Path], resolution: int,
                   cache_folder: Path | None = None, batch: int = 8) -> torch.Tensor:
-    """(N, 4, resolution/8, resolution/8) latents of ``paths``: the VAE posterior *mean* (not a
-    sample: deterministic) times ``vae.config.scaling_factor``, on the CPU, float32.
+    """(N, C, resolution/8, resolution/8) latents of ``paths``, as ``models.encode_latents``
+    makes them (the VAE posterior *mean*, shifted and scaled), on the CPU, float32.
 
     With ``cache_folder`` that holds a meta.json (a class-image cache folder; a user's own folder
     is never written to) they are kept in ``latents-<vae hash>-<resolution>.safetensors`` with the

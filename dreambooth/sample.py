@@ -16,22 +16,30 @@ from typing import Any
 import torch
 
 from dreambooth.errors import ConfigError
+from dreambooth.base_model import FLOW_KINDS
 from dreambooth.models import BaseModel
 from dreambooth.prompts import fill_prompt
 
-SCHEDULERS = ("dpmpp", "unipc", "ddim", "ddpm")
-A1111_SAMPLERS = {"dpmpp": "DPM++ 2M", "unipc": "UniPC", "ddim": "DDIM", "ddpm": "DDPM"}
+SCHEDULERS = ("dpmpp", "unipc", "ddim", "ddpm", "euler")
+A1111_SAMPLERS = {"dpmpp": "DPM++ 2M", "unipc": "UniPC", "ddim": "DDIM", "ddpm": "DDPM", "euler": "Euler"}
 
 
-def make_scheduler(name: str, train_scheduler_config: Any):
+def make_scheduler(name: str, train_scheduler_config: Any, kind: str = "sd1"):
     """An inference scheduler built from the training scheduler's config.
 
     ``from_config`` keeps the noise schedule and ``prediction_type`` (v-prediction for SD 2.x).
     dpmpp: DPM-Solver++ (2nd order multistep), good in 20-25 steps; unipc: UniPC, similar;
-    ddim: DDIM (deterministic); ddpm: the ancestral sampler the model was trained with (slow).
+    ddim: DDIM (deterministic); ddpm: the ancestral sampler the model was trained with (slow);
+    euler: Euler. The flow-matching kinds (FLUX.1, SD 3.x) sample with flow matching's Euler only.
     """
-    from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
-                           UniPCMultistepScheduler)
+    from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                           FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler)
+
+    if kind in FLOW_KINDS:
+        if name != "euler":
+            raise ConfigError(f"scheduler '{name}': FLUX.1 and SD 3.x sample with flow matching's Euler; "
+                              "set the scheduler to euler")
+        return FlowMatchEulerDiscreteScheduler.from_config(dict(train_scheduler_config))
 
     # A scheduler built in-process lists the settings it left at their defaults in
     # "_use_default_values", and from_config would then take the *new* class's defaults for
@@ -42,7 +50,8 @@ def make_scheduler(name: str, train_scheduler_config: Any):
     if name == "dpmpp":
         return DPMSolverMultistepScheduler.from_config(train_scheduler_config,
                                                        algorithm_type="dpmsolver++")
-    classes = {"unipc": UniPCMultistepScheduler, "ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+    classes = {"unipc": UniPCMultistepScheduler, "ddim": DDIMScheduler, "ddpm": DDPMScheduler,
+               "euler": EulerDiscreteScheduler}
     if name not in classes:
         raise ConfigError(f"unknown scheduler '{name}'; choose one of {', '.join(SCHEDULERS)}")
     return classes[name].from_config(train_scheduler_config)
@@ -66,12 +75,19 @@ def generate(model: BaseModel, prompts: list[str], seeds: list[int], *, steps: i
     if len(negatives) != len(prompts):
         raise ValueError(f"generate needs one negative prompt, or one per prompt: {len(prompts)} prompts, "
                          f"{len(negatives)} negative prompts")
-    pipe = model.pipeline(scheduler=make_scheduler(scheduler, model.scheduler.config))
+    pipe = model.pipeline(scheduler=make_scheduler(scheduler, model.scheduler.config, model.kind))
     pipe.set_progress_bar_config(disable=True)
-    modules = [m for m in model.components().values() if isinstance(m, torch.nn.Module)]
+    modules = model.modules()
     was_training = [m.training for m in modules]
-    size = resolution or model.unet.config.sample_size * model.vae_scale_factor
-    extra = {"cross_attention_kwargs": {"scale": lora_scale}} if lora_scale != 1.0 else {}
+    size = resolution or model.resolution
+    flow = model.kind in FLOW_KINDS
+    extra = {"joint_attention_kwargs" if flow else "cross_attention_kwargs": {"scale": lora_scale}} \
+        if lora_scale != 1.0 else {}
+    if flow:
+        extra["max_sequence_length"] = model.t5_length
+    if model.kind == "flux1":  # FLUX.1 guides by its distilled guidance input, not by a negative prompt
+        if any(negatives):
+            print("note: FLUX.1 ignores negative prompts (it has distilled guidance, no second pass)")
     images = []
     try:
         for m in modules:
@@ -79,7 +95,8 @@ def generate(model: BaseModel, prompts: list[str], seeds: list[int], *, steps: i
         with torch.no_grad():
             for start in range(0, len(prompts), batch_size):
                 batch = slice(start, start + batch_size)
-                out = pipe(prompt=prompts[batch], negative_prompt=negatives[batch],
+                negative = {} if model.kind == "flux1" else {"negative_prompt": negatives[batch]}
+                out = pipe(prompt=prompts[batch], **negative,
                            num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
                            generator=[torch.Generator().manual_seed(s) for s in seeds[batch]],
                            output_type="pil", **extra)

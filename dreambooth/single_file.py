@@ -24,8 +24,9 @@ ARCH_FOLDERS = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl"}
 V_PRED_MARKER = "v_pred"  # an empty tensor ComfyUI and Forge read as "v-prediction model"
 
 
-def read_checkpoint(path: Path, trust_pickle: bool = False) -> tuple[dict[str, Any], dict[str, str]]:
-    """(state dict, safetensors metadata) of a single-file checkpoint, on the CPU."""
+def read_checkpoint(path: Path, trust_pickle: bool = False, select=None) -> tuple[dict[str, Any], dict[str, str]]:
+    """(state dict, safetensors metadata) of a single-file checkpoint, on the CPU. ``select``
+    (key list -> the keys to read) reads part of a ``.safetensors`` without loading the rest."""
     import torch
     from safetensors import safe_open
 
@@ -42,7 +43,8 @@ def read_checkpoint(path: Path, trust_pickle: bool = False) -> tuple[dict[str, A
         return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, {}
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+            keys = list(f.keys())
+            return {k: f.get_tensor(k) for k in (select(keys) if select else keys)}, dict(f.metadata() or {})
     except Exception as e:  # safetensors raises its own error types for a damaged header
         raise ModelError(f"{path} is not a readable .safetensors file ({e})") from None
 

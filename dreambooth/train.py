@@ -26,6 +26,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from dreambooth import checkpoint as ckpt
+from dreambooth.base_model import FLOW_KINDS
 from dreambooth.batch import Source, draw_samples, instance_source
 from dreambooth.config import Config, load_config, save_config
 from dreambooth.errors import DreamboothError
@@ -124,11 +125,12 @@ def setup(cfg: Config | None, run_dir: Path, held: contextlib.ExitStack, *, resu
     if acc.is_main_process and not resume:
         held.enter_context(writer_lock(run_dir))
         save_config(cfg, run_dir / "config.yaml")
-    family = family_of(model)
+    family = family_of(model, cfg)
+    model.max_sequence_length = cfg.flow.max_sequence_length or None
     frozen_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.train.mixed_precision, torch.float32)
-    for frozen in (model.vae, model.text_encoder, model.text_encoder_2):
-        if frozen is not None:
-            place_frozen(frozen, acc.device, frozen_dtype)
+    for module in model.modules():
+        if module is not family.denoiser(model):
+            place_frozen(module, acc.device, frozen_dtype)
     family.denoiser(model).to(acc.device)
 
     sources, class_prompt = data_sources(cfg, model, intake, acc, progress)
@@ -181,6 +183,16 @@ def check_run(cfg: Config, model: BaseModel) -> Config:
         print("note: prior.null_space is off in this run: it reads the class images, and "
               "prior.enabled=false draws none")
         cfg.prior.null_space = 0.0  # the saved config says so
+    if model.kind in FLOW_KINDS:
+        other = [f"{key}={value}" for key, value in (("prior.scheduler", cfg.prior.scheduler),
+                 ("sample.scheduler", cfg.sample.scheduler), ("eval.scheduler", cfg.eval.scheduler),
+                 ("sweep.scheduler", ",".join(cfg.sweep.scheduler))) if value != "euler"]
+        if other:
+            raise TrainingError(f"{model.kind} samples with flow matching's Euler, not {', '.join(other)}: "
+                                "set those to euler, or start from a flux1-* or sd35-* preset")
+    if cfg.prior.null_space and model.kind in FLOW_KINDS:
+        raise TrainingError("prior.null_space reads a UNet's layers: it is for SD 1.x/2.x/XL (the world "
+                            f"preset's option), not {model.kind}; set prior.null_space=0")
     if cfg.prior.null_space:
         from dreambooth.nullspace import estimated_bytes
 

@@ -50,10 +50,9 @@ class Trainable:
 
 def make_trainable(model: BaseModel, cfg) -> Trainable:
     """Freeze everything, then make trainable what the config asks for (see the module doc)."""
-    family = family_of(model)
-    for m in (model.vae, model.unet, model.text_encoder, model.text_encoder_2):
-        if m is not None:
-            m.requires_grad_(False)
+    family = family_of(model, cfg)
+    for m in model.modules():
+        m.requires_grad_(False)
     parts = family.parts(model, cfg)
     if cfg.train.mode == "lora":
         from peft import LoraConfig, inject_adapter_in_model

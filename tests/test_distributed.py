@@ -91,11 +91,13 @@ def metrics(run_dir):
 
 
 SDXL_ENCODERS = ["model.path=tiny-sdxl", "train.train_text_encoder=true"]
+FLUX = ["model.path=tiny-flux1", "prior.scheduler=euler", "sample.scheduler=euler", "eval.scheduler=euler",
+        "sweep.scheduler=[euler]"]
 
 
 @pytest.mark.parametrize("mode, accum, extra", [("full", 1, []), ("lora", 1, []), ("full", 2, []),
-                                                ("full", 1, SDXL_ENCODERS)],
-                         ids=["full", "lora", "full-accumulating", "full-sdxl-text-encoders"])
+                                                ("full", 1, SDXL_ENCODERS), ("lora", 1, FLUX)],
+                         ids=["full", "lora", "full-accumulating", "full-sdxl-text-encoders", "lora-flux1"])
 def test_two_processes_of_batch_1_equal_one_of_batch_2(shared, tmp_path, monkeypatch, mode, accum, extra):
     """With accumulation the processes skip the all-reduce (no_sync) on all but the last
     micro-batch of a step; the result must still equal one process. SDXL with its text encoders

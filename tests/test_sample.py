@@ -31,7 +31,7 @@ def test_make_scheduler_names_and_prediction_type():
     assert make_scheduler("dpmpp", sd2).config.algorithm_type == "dpmsolver++"
     assert make_scheduler("ddim", build_tiny("tiny").scheduler.config).config.prediction_type == "epsilon"
     with pytest.raises(ConfigError, match="dpmpp, unipc, ddim, ddpm"):
-        make_scheduler("euler", sd2)
+        make_scheduler("heun", sd2)
 
 
 @pytest.mark.parametrize("scheduler", ["dpmpp", "ddpm"])  # ddpm adds noise at every step too

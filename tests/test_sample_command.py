@@ -139,7 +139,7 @@ def test_sweep_ranks_saves_the_best_for_sample_and_resumes(runs, capsys):
     ("--guidance", "-2", "config key 'sample.guidance' must be at least 0"),
     ("--steps", "0", "config key 'sample.steps' must be at least 1"),  # no sentinel: unset is None
     ("--n", "0", "config key 'sample.num_images' must be at least 1"),
-    ("--scheduler", "euler", "config key 'sample.scheduler' must be one of"),
+    ("--scheduler", "heun", "config key 'sample.scheduler' must be one of"),
     ("--lora-scale", "-3", "must be at least 0")])
 def test_sample_refuses_settings_out_of_range_with_the_config_message(runs, tmp_path, capsys, flag, value, message):
     assert main(["sample", str(runs / "full"), "--prompt", "my toy", flag, value,
