@@ -171,18 +171,26 @@ def verify_checkpoint(path: Path) -> list[str]:
                                              for name in (WEIGHTS, TENSORS) if name not in files]
 
 
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Only a checkpoint's trainable weights (no optimizer state): to inspect or export a step."""
+def _verified(path: Path) -> Path:
     problems = verify_checkpoint(path)
     if problems:
         raise CheckpointError("this checkpoint cannot be used:\n" + "\n".join(problems))
-    return load_file(str(Path(path) / WEIGHTS))
+    return Path(path)
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Only a checkpoint's trainable weights (no optimizer state): to inspect or export a step."""
+    return load_file(str(_verified(path) / WEIGHTS))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Everything a checkpoint holds, as tensors and dicts (RNG states are not applied here)."""
-    path = Path(path)
-    weights = load_weights(path)
+    return _read_checkpoint(_verified(path))
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """``load_checkpoint`` of a checkpoint whose files were just verified (they are hashed once)."""
+    weights = load_file(str(path / WEIGHTS))
     info = json.loads((path / STATE).read_text())
     try:
         tree = decode_tree(info.pop("tree"), load_file(str(path / TENSORS)))
@@ -204,7 +212,7 @@ def resume_checkpoint(run_dir: Path, warn: Callable[[str], None] = print) -> dic
             if broken:
                 warn(f"warning: skipping damaged checkpoint(s), resuming from {path.name}:\n  "
                      + "\n  ".join(broken))
-            return {"path": path, **load_checkpoint(path)}
+            return {"path": path, **_read_checkpoint(path)}
         broken += problems
     if broken:
         raise CheckpointError(f"no checkpoint of {run_dir} can be used:\n  " + "\n  ".join(broken)
