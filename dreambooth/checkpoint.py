@@ -240,7 +240,7 @@ def load_run_model(run_dir: Path, trust_pickle: bool = False):
     base model from the run's config with ``final/``'s LoRA weights loaded into it."""
     from dreambooth.config import load_config
     from dreambooth.errors import ModelError
-    from dreambooth.models import load_base_model, load_configured, read_part
+    from dreambooth.models import configure, load_base_model, load_configured, read_part
 
     run_dir = Path(run_dir)
     final = run_dir / "final"
@@ -254,8 +254,8 @@ def load_run_model(run_dir: Path, trust_pickle: bool = False):
                               "replays from the last checkpoint)")
     cfg = load_config(final / "config.yaml")
     if cfg.train.mode == "full":
-        return load_base_model(str(final), trust_pickle=trust_pickle), cfg
-    model = load_configured(cfg.model, trust_pickle=trust_pickle)
+        return configure(load_base_model(str(final), trust_pickle=trust_pickle), cfg), cfg
+    model = load_configured(cfg, trust_pickle=trust_pickle)
     weights = final / LORA_WEIGHTS
     if not weights.is_file():
         found = ", ".join(sorted(p.name for p in final.iterdir())) or "nothing"
@@ -300,6 +300,6 @@ def load_checkpoint_model(run_dir: Path, which: str = "final", trust_pickle: boo
         raise DreamboothError(f"no checkpoint '{which}' in {run_dir}; it has: final, best, {names}")
     weights = load_weights(found[step])
     cfg = load_config(found[step] / "config.yaml")
-    model = load_configured(cfg.model, trust_pickle=trust_pickle)
+    model = load_configured(cfg, trust_pickle=trust_pickle)
     make_trainable(model, cfg).load(weights)
     return model, cfg, step_dir_name(step)

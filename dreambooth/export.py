@@ -180,7 +180,7 @@ def reload(fmt: str, out: Path, cfg, config_dir: Path | None, trust_pickle: bool
         from dreambooth.single_file import load_single_file
 
         return load_single_file(out, config=config_dir)
-    base = load_configured(cfg.model, trust_pickle=trust_pickle)
+    base = load_configured(cfg, trust_pickle=trust_pickle)
     if fmt == "single-file":  # a transformer file: into the run's base model
         from dreambooth.transformer_files import load_transformer_file
 

@@ -183,11 +183,18 @@ def read_part(folder: Path, part: str, load):
                          "`dreambooth train --resume RUN_DIR`)") from None
 
 
-def load_configured(model_cfg, trust_pickle: bool = False) -> BaseModel:
-    """The base model a config's ``model`` section names (path, kind, prediction type).
-    ``trust_pickle`` comes from this invocation's command line, never from a file."""
-    return load_base_model(model_cfg.path, model_cfg.kind, model_cfg.prediction_type,
-                           trust_pickle=trust_pickle)
+def load_configured(cfg, trust_pickle: bool = False) -> BaseModel:
+    """The base model a run's config names (its ``model`` section), set up as the run uses it
+    (``configure``). ``trust_pickle`` comes from this invocation's command line, never a file."""
+    m = cfg.model
+    return configure(load_base_model(m.path, m.kind, m.prediction_type, trust_pickle=trust_pickle), cfg)
+
+
+def configure(model: BaseModel, cfg) -> BaseModel:
+    """``model`` with the run's settings that its training and sampling share: the T5 length
+    (``flow.max_sequence_length``), so a run's images are drawn from the tokens it trained on."""
+    model.max_sequence_length = cfg.flow.max_sequence_length or None
+    return model
 
 
 # ---------------------------------------------------------------- conditioning

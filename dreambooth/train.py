@@ -119,14 +119,13 @@ def setup(cfg: Config | None, run_dir: Path, held: contextlib.ExitStack, *, resu
         held.enter_context(writer_lock(run_dir))
     torch.manual_seed(cfg.train.seed)
 
-    model = load_configured(cfg.model, trust_pickle)
+    model = load_configured(cfg, trust_pickle)
     cfg = check_run(cfg, model)
     intake = read_photos(cfg.data.images, cfg.data.resolution)  # before config.yaml: bad photos leave no run
     if acc.is_main_process and not resume:
         held.enter_context(writer_lock(run_dir))
         save_config(cfg, run_dir / "config.yaml")
     family = family_of(model, cfg)
-    model.max_sequence_length = cfg.flow.max_sequence_length or None
     frozen_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.train.mixed_precision, torch.float32)
     for module in model.modules():
         if module is not family.denoiser(model):

@@ -147,7 +147,7 @@ class Evaluator:
         from dreambooth.models import load_configured
         from dreambooth.sample import generate
 
-        images = generate(load_configured(self.cfg.model), [self.class_prompt] * len(self.class_seeds),
+        images = generate(load_configured(self.cfg), [self.class_prompt] * len(self.class_seeds),
                           self.class_seeds, **self.settings(progress=settings["progress"]))
         return self._probe.read(images)
 

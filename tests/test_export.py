@@ -388,7 +388,7 @@ def test_pickle_checkpoints_need_trust(tiny_as_shipped, tmp_path):
     with pytest.raises(ModelError, match=r"pickle checkpoint.*arbitrary code.*\.safetensors.*--trust-pickle"):
         load_base_model(str(path))
     cfg = build_config("tiny", overrides=[f"model.path={path}"])
-    loaded = load_configured(cfg.model, trust_pickle=True)
+    loaded = load_configured(cfg, trust_pickle=True)
     for k, v in model.unet.state_dict().items():
         assert torch.equal(loaded.unet.state_dict()[k], v), k
 

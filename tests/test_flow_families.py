@@ -225,3 +225,17 @@ def test_a_single_file_refuses_a_run_that_trained_its_text_encoders(flow_runs, t
     with pytest.raises(ExportError, match="holds the transformer alone.*--format diffusers"):
         export_run(flow_runs / f"{name}-te-true", "single-file", tmp_path / "x.safetensors", log=lambda _: None)
     assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_a_run_is_sampled_with_the_t5_length_it_trained_on(painted_photos, tmp_path, mode):
+    """flow.max_sequence_length shapes the conditioning: the loaded run (final/ and a checkpoint)
+    keeps the run's length, not the model's default."""
+    from dreambooth.checkpoint import load_checkpoint_model
+
+    train(make_cfg(painted_photos, "tiny-flux1", f"train.mode={mode}", "flow.max_sequence_length=8"),
+          tmp_path / "run", progress=False)
+    for which in ("final", "step-4"):
+        model, _, _ = load_checkpoint_model(tmp_path / "run", which)
+        cond = family_of(model).encode_prompts(model, PROMPTS[:1], "cpu")
+        assert model.t5_length == 8 and cond["encoder_hidden_states"].shape[1] == 8, which
