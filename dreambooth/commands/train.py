@@ -37,7 +37,7 @@ def train(
     """
     from dreambooth.config import build_config
     from dreambooth.errors import DreamboothError
-    from dreambooth.rundir import refuse_inside_photos, require_run
+    from dreambooth.rundir import require_run
     from dreambooth.train import train as run_training
 
     if resume:
@@ -58,7 +58,6 @@ def train(
         cfg = build_config(preset, config, overrides, extra={
             "data.images": images, "data.class_noun": class_noun, "data.token": token,
             "model.path": model})
-        refuse_inside_photos(run_dir, cfg.data.images, "--out")
         result = run_training(cfg, run_dir, progress=progress, trust_pickle=trust_pickle)
     where = result.final or run_dir
     print(f"done: step {result.step}, loss {result.loss:.4f}. Run directory: {run_dir}  Weights: {where}")
