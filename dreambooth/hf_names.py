@@ -20,9 +20,10 @@ same ids).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from dreambooth.files import atomic_file
 
 TEXT_MODEL = "text_model."
 CLIP_MODEL_TYPES = ("clip_text_model",)
@@ -54,12 +55,7 @@ def _rewrite_safetensors(path: Path, rename) -> bool:
     if len(state) != len(keys):
         raise ValueError(f"renaming the weights of {path} would merge two of them")
     metadata.setdefault("format", "pt")  # transformers 4.x refuses a file without it
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        save_file(state, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_file(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
     return True
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from dreambooth.config import Config
+from dreambooth.files import atomic_file, remove_leftovers, write_text_atomic
 from dreambooth.models import BaseModel, encode_latents
 
 FORMAT_VERSION = 1
@@ -68,12 +69,6 @@ def cache_dir(cache_root: Path, key: str) -> Path:
     return Path(cache_root) / "class-images" / key
 
 
-def _write_atomic(folder: Path, name: str, write) -> None:
-    tmp = folder / f".{name}.{os.getpid()}.tmp"
-    write(tmp)
-    os.replace(tmp, folder / name)
-
-
 def class_images(model: BaseModel, cfg: Config, class_prompt: str, cache_root: Path | None = None,
                  progress: bool = True) -> ClassImages:
     """``cfg.prior.num_images`` class images: the user's folder (``prior.class_images``) as is,
@@ -90,8 +85,9 @@ def class_images(model: BaseModel, cfg: Config, class_prompt: str, cache_root: P
     folder = cache_dir(cache_root or default_cache_root(), class_prompt_key(fields))
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "meta.json").is_file():
-        _write_atomic(folder, "meta.json", lambda f: f.write_text(json.dumps(fields, indent=2) + "\n"))
-    for stale in folder.glob(".*.tmp"):  # left by a killed run
+        write_text_atomic(folder / "meta.json", json.dumps(fields, indent=2) + "\n")
+    remove_leftovers(folder)  # of a killed run
+    for stale in folder.glob(".*.tmp"):  # of a killed run of a version before files.atomic_file
         stale.unlink(missing_ok=True)
 
     paths = [folder / f"{i:06d}.png" for i in range(p.num_images)]
@@ -106,7 +102,7 @@ def class_images(model: BaseModel, cfg: Config, class_prompt: str, cache_root: P
                           resolution=cfg.data.resolution, scheduler=p.scheduler, batch_size=b)
         new = [(i, image) for i, image in zip(ids, images) if i in missing]
         for i, image in new:
-            _write_atomic(folder, paths[i].name, lambda f, im=image: im.save(f, format="PNG"))
+            atomic_file(paths[i], lambda f, im=image: im.save(f, format="PNG"))
         bar.update(len(new))  # once a batch: the first ETA is the batch's rate, not 1/batch of it
     bar.close()
     return ClassImages(paths=paths, generated=len(missing), folder=folder)
@@ -179,6 +175,6 @@ def encode_images(model: BaseModel, paths: list[Path], resolution: int,
     pixels = torch.stack([to_tensor(load_image(p, resolution)) for p in paths])
     latents = encode_latents(model, pixels, batch)
     if cache is not None:
-        _write_atomic(cache.parent, cache.name, lambda f: save_file(
+        atomic_file(cache, lambda f: save_file(
             {"latents": latents.contiguous()}, str(f), metadata={"names": json.dumps(names)}))
     return latents
