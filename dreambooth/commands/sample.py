@@ -74,7 +74,7 @@ def sample(run_dir: str, prompt: list[str] | None = None, prompts_file: str = ""
         steps: solver steps (default: the run's)
         guidance: classifier-free guidance scale (default: the run's)
         negative: negative prompt (default: the run's)
-        scheduler: dpmpp, unipc, ddim or ddpm (default: the run's)
+        scheduler: dpmpp, unipc, ddim, ddpm or euler (FLUX.1 and SD 3.x: euler; default: the run's)
         lora_scale: strength of a LoRA run's adapters (default: the run's, usually 1.0)
         checkpoint: final, best or step-N
         out: folder for the images (default: RUN_DIR/samples/sample-N)
