@@ -375,19 +375,6 @@ def valid_keys() -> list[str]:
     return [f"{s}.{k}" for s in SECTIONS for k in _section_fields(s)]
 
 
-def numeric_fields() -> list[tuple[str, dataclasses.Field, Any]]:
-    """(key, field, type) of every int/float field and every list of them, in every section."""
-    out = []
-    for section in SECTIONS:
-        hints = _hints(_section_class(section))
-        for name, f in _section_fields(section).items():
-            hint = hints[name]
-            item = typing.get_args(hint)[0] if typing.get_origin(hint) is list else hint
-            if item in (int, float):
-                out.append((f"{section}.{name}", f, hint))
-    return out
-
-
 def _unknown(key: str, section_like: bool = False) -> ConfigError:
     """Unknown key: the closest match (a section when ``section_like``) and every valid key."""
     keys = valid_keys()

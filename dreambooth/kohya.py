@@ -109,16 +109,6 @@ def to_kohya_transformer(layers: dict[str, LoraLayer], kind: str, dtype=None) ->
     return _write(named, dtype)
 
 
-def to_kohya_flux(layers: dict[str, LoraLayer], dtype=None) -> dict[str, Any]:
-    """``to_kohya_transformer(layers, "flux1")``: ``lora_unet_double_blocks_N_img_attn_qkv`` ..."""
-    return to_kohya_transformer(layers, "flux1", dtype)
-
-
-def to_kohya_sd3(layers: dict[str, LoraLayer], dtype=None) -> dict[str, Any]:
-    """``to_kohya_transformer(layers, "sd3")``: ``lora_unet_joint_blocks_N_x_block_attn_qkv`` ..."""
-    return to_kohya_transformer(layers, "sd3", dtype)
-
-
 def _read(state: dict[str, Any]) -> dict[str, LoraLayer]:
     """``{kohya name: LoraLayer}`` of every ``NAME.lora_down.weight`` in ``state`` (alpha = rank
     when the file has none, as kohya and ComfyUI read it)."""
@@ -162,16 +152,6 @@ def from_kohya_transformer(state: dict[str, Any], kind: str, keys=()) -> dict[st
     if unknown:
         raise ValueError(f"{len(unknown)} LoRA layers match no module of a {kind} model, e.g. {unknown[0]}")
     return {**from_original(original, kind), **layers}
-
-
-def from_kohya_flux(state: dict[str, Any], keys=()) -> dict[str, LoraLayer]:
-    """``from_kohya_transformer(state, "flux1", keys)``."""
-    return from_kohya_transformer(state, "flux1", keys)
-
-
-def from_kohya_sd3(state: dict[str, Any], keys=()) -> dict[str, LoraLayer]:
-    """``from_kohya_transformer(state, "sd3", keys)``."""
-    return from_kohya_transformer(state, "sd3", keys)
 
 
 def from_kohya(state: dict[str, Any], keys, kind: str) -> dict[str, LoraLayer]:

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dreambooth import lora
-from dreambooth.kohya import from_kohya, from_kohya_flux, from_kohya_sd3, to_kohya, to_kohya_flux, to_kohya_sd3
+from dreambooth.kohya import from_kohya, to_kohya
 from dreambooth.lora import LoraLayer
 from dreambooth.lora import diffusers_lora_layers
 from dreambooth.lora_names import fuse_lora, original_path, read_diffusers_transformer_lora, split_lora
@@ -309,7 +309,7 @@ def test_flux_kohya_names_are_comfyui_modules_and_fuse_exactly():
     model = with_lora(tiny_flux(), FLUX_TARGETS)
     layers = collect(model)
     assert len(layers) == 2 * 14 + 2 * 6  # every target of both double and both single blocks
-    state = to_kohya_flux(layers)
+    state = to_kohya(layers, "flux1")
     names = {k.partition(".")[0] for k in state}
     assert names == {f"lora_unet_{m.replace('.', '_')}" for m in comfy_flux_modules(2, 2)
                      if m.startswith(("double_blocks", "single_blocks"))}
@@ -326,19 +326,19 @@ def test_flux_kohya_names_are_comfyui_modules_and_fuse_exactly():
                                  ("lora_unet_double_blocks_1_txt_attn_qkv", "transformer_blocks.1", add_qkv),
                                  (linear1, "single_transformer_blocks.1", qkv + ["proj_mlp"])):
         assert torch.allclose(file_delta(state, name), peft_delta(model, block, members), rtol=0, atol=1e-6), name
-    same_lora(from_kohya_flux(state), layers)
+    same_lora(from_kohya(state, (), "flux1"), layers)
     same_lora(from_kohya(state, layers, "flux1"), layers)
     assert to_kohya(layers, "flux1").keys() == state.keys()
 
 
 def test_flux_attention_only_pads_the_mlp_block_of_linear1():
     layers = collect(with_lora(tiny_flux(), anywhere(ATTENTION)))
-    state = to_kohya_flux(layers)
+    state = to_kohya(layers, "flux1")
     up, down = state["lora_unet_single_blocks_0_linear1.lora_up.weight"], \
         state["lora_unet_single_blocks_0_linear1.lora_down.weight"]
     assert up.shape == (7 * HIDDEN, 16) and down.shape == (16, HIDDEN)
     assert not up[3 * HIDDEN:].any() and not down[12:].any()
-    back = from_kohya_flux(state)
+    back = from_kohya(state, (), "flux1")
     same_lora(back, layers)  # no proj_mlp LoRA appears
     assert not any("proj_mlp" in k for k in back)
 
@@ -375,7 +375,7 @@ def test_flux_kohya_file_reloads_through_diffusers(tmp_path):
     layers = collect(model)
     assert len(layers) == 2 * 14
     expected = latents(tiny_pipeline(model))
-    save_file(to_kohya_flux(layers), str(tmp_path / "kohya.safetensors"))
+    save_file(to_kohya(layers, "flux1"), str(tmp_path / "kohya.safetensors"))
     fresh = tiny_pipeline(tiny_flux())
     fresh.load_lora_weights(str(tmp_path / "kohya.safetensors"))
     reloaded_latents(fresh, expected)
@@ -383,8 +383,8 @@ def test_flux_kohya_file_reloads_through_diffusers(tmp_path):
     model = with_lora(tiny_flux(), FLUX_TARGETS)
     layers = collect(model)
     expected = latents(tiny_pipeline(model))
-    save_file(to_kohya_flux(layers), str(tmp_path / "all.safetensors"))
-    back = from_kohya_flux(load_file(str(tmp_path / "all.safetensors")))
+    save_file(to_kohya(layers, "flux1"), str(tmp_path / "all.safetensors"))
+    back = from_kohya(load_file(str(tmp_path / "all.safetensors")), (), "flux1")
     FluxPipeline.save_lora_weights(tmp_path / "back", transformer_lora_layers=transformer_lora(back))
     fresh = tiny_pipeline(tiny_flux())
     fresh.load_lora_weights(str(tmp_path / "back"))
@@ -409,7 +409,7 @@ def test_flux_kohya_single_blocks_split_by_diffusers_at_flux1_width():
     layers["transformer.single_transformer_blocks.0.proj_out"] = lora_on(width, 5 * width)
     layers.update({f"transformer.single_transformer_blocks.1.attn.{p}": lora_on(width)
                    for p in ("to_q", "to_k", "to_v")})
-    converted = FluxPipeline.lora_state_dict(to_kohya_flux(layers))
+    converted = FluxPipeline.lora_state_dict(to_kohya(layers, "flux1"))
     for key, layer in layers.items():  # the deltas, applied to a few vectors (diffusers: alpha = rank)
         x = torch.randn(layer.down.shape[1], 3, generator=g)
         got = converted[f"{key}.lora_B.weight"] @ (converted[f"{key}.lora_A.weight"] @ x)
@@ -427,7 +427,7 @@ def test_sd3_kohya_names_are_comfyui_modules_and_fuse_exactly():
     model = with_lora(tiny_sd3(), SD3_TARGETS)
     layers = collect(model)
     assert len(layers) == 14 + 4 + 11  # block 0 with attn2; the last block's context stream is pre-only
-    state = to_kohya_sd3(layers)
+    state = to_kohya(layers, "sd3")
     names = {k.partition(".")[0] for k in state}
     assert names == {f"lora_unet_{m.replace('.', '_')}" for m in comfy_sd3_modules(2, dual=(0,))
                      if m.startswith("joint")}
@@ -444,7 +444,7 @@ def test_sd3_kohya_names_are_comfyui_modules_and_fuse_exactly():
     assert torch.equal(last, torch.cat([norm[HIDDEN:], norm[:HIDDEN]]))
     first = state["lora_unet_joint_blocks_0_context_block_adaLN_modulation_1.lora_up.weight"]  # six chunks: as is
     assert torch.equal(first, layers["transformer.transformer_blocks.0.norm1_context.linear"].up)
-    same_lora(from_kohya_sd3(state), layers)
+    same_lora(from_kohya(state, (), "sd3"), layers)
     same_lora(from_kohya(state, layers, "sd3"), layers)
 
 
@@ -461,7 +461,7 @@ def test_sd3_diffusers_format_reloads_in_sd3_pipeline(tmp_path):
     fresh.load_lora_weights(str(tmp_path))
     reloaded_latents(fresh, expected)
     # the kohya file, read back by our reader, draws the same
-    back = from_kohya_sd3(to_kohya_sd3(layers))
+    back = from_kohya(to_kohya(layers, "sd3"), (), "sd3")
     StableDiffusion3Pipeline.save_lora_weights(tmp_path / "k", transformer_lora_layers=transformer_lora(back))
     fresh = tiny_pipeline(tiny_sd3())
     fresh.load_lora_weights(str(tmp_path / "k"))
@@ -498,9 +498,9 @@ def test_names_refuse_what_they_cannot_place():
         original_path("sdxl", "transformer_blocks.0.attn.to_q")
     layer = LoraLayer(torch.zeros(1, 4), torch.zeros(4, 1), 1.0)
     with pytest.raises(ValueError, match="match no module of a flux1 model"):
-        from_kohya_flux(to_kohya({"unet.down_blocks.0.attn1.to_q": layer}, "sd1"))
+        from_kohya(to_kohya({"unet.down_blocks.0.attn1.to_q": layer}, "sd1"), (), "flux1")
     with pytest.raises(ValueError, match="cover the transformer"):
-        to_kohya_flux({"unet.x": layer})
+        to_kohya({"unet.x": layer}, "flux1")
     assert original_path("flux1", "single_transformer_blocks.3.proj_mlp") == ("single_blocks.3.linear1", 3)
     assert original_path("sd3", "transformer_blocks.5.attn.to_add_out") == \
         ("joint_blocks.5.context_block.attn.proj", None)
