@@ -55,14 +55,13 @@ class FlowFamily:
         ``flow.resolution_shift`` FLUX.1's shift for the training resolution."""
         s, num_t = self.settings, model.scheduler.config.num_train_timesteps
         u = flow.sample_u(generator, 1, s.timestep_sampling, s.logit_mean, s.logit_std, s.mode_scale)
-        if s.resolution_shift:
-            side = self.resolution // model.vae_scale_factor
-            mu = flow.flux_mu((side // 2) ** 2)
-            sigma = flow.time_shift(mu, flow.train_schedule(num_t)[0][(u * num_t).long().clamp(0, num_t - 1)])
-            return sigma * num_t
-        if self._grid is None:
-            self._grid = flow.train_schedule(num_t, self.shift(model))
-        return flow.sigmas_from_u(u, *self._grid)[1]
+        if self._grid is None:  # unshifted when the resolution's shift applies instead
+            self._grid = flow.train_schedule(num_t, 1.0 if s.resolution_shift else self.shift(model))
+        sigma, t = flow.sigmas_from_u(u, *self._grid)
+        if not s.resolution_shift:
+            return t
+        side = self.resolution // model.vae_scale_factor
+        return flow.time_shift(flow.flux_mu((side // 2) ** 2), sigma) * num_t
 
     def shift(self, model: BaseModel) -> float:
         """``flow.shift``, else the scheduler's static shift (none where it shifts dynamically)."""

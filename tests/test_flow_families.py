@@ -87,6 +87,14 @@ def test_timesteps_are_the_reference_scripts_pick(name, shift):
         u = flow.sample_u(torch.Generator().manual_seed(seed), 1, "logit_normal")
         expected = flow.sigmas_from_u(u, *flow.train_schedule(1000, shift))[1]
         assert torch.equal(family.draw_timestep(torch.Generator().manual_seed(seed), model), expected)
+    family.settings.resolution_shift = True  # FLUX.1's shift for the training resolution instead
+    family._grid = None
+    seq = (family.resolution // model.vae_scale_factor // 2) ** 2  # packed latent tokens
+    for seed in range(20):
+        u = flow.sample_u(torch.Generator().manual_seed(seed), 1, "logit_normal")
+        sigma = flow.sigmas_from_u(u, *flow.train_schedule(1000, 1.0))[0]
+        expected = flow.time_shift(flow.flux_mu(seq), sigma) * 1000
+        assert torch.equal(family.draw_timestep(torch.Generator().manual_seed(seed), model), expected)
     x0, eps, t = torch.ones(1, 16, 8, 8), torch.zeros(1, 16, 8, 8), torch.tensor([250.0])
     noisy, target = family.noisy_and_target(model, x0, eps, t)
     assert torch.allclose(noisy, torch.full_like(x0, 0.75)) and torch.equal(target, -x0)
