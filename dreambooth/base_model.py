@@ -54,7 +54,9 @@ class BaseModel:
             return self.native_size
         denoiser = self.unet if self.unet is not None else self.transformer
         sample_size = getattr(denoiser.config, "sample_size", None)
-        return sample_size * self.vae_scale_factor if sample_size else 1024  # FLUX.1's
+        if sample_size:
+            return sample_size * self.vae_scale_factor
+        return getattr(self.vae.config, "sample_size", None) or 1024  # FLUX.1's transformer has no size
 
     @property
     def t5_length(self) -> int:

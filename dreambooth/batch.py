@@ -37,6 +37,8 @@ def sample_seed(seed: int, k: int, stream: int) -> int:
 
 def nth_of_shuffle(seed: int, n: int, k: int, stream: int) -> int:
     """Index of the k-th draw when 0..n-1 is reshuffled every epoch (epoch = k // n)."""
+    if n == 1:  # (and a planned step, whose tensors hold no values, has one latent per source)
+        return 0
     g = torch.Generator().manual_seed(sample_seed(seed, k // n, 2 + stream))
     return int(torch.randperm(n, generator=g)[k % n])
 

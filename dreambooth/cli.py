@@ -17,6 +17,7 @@ import typing
 COMMANDS: dict[str, str] = {
     "data": "dreambooth.commands.data:data",
     "tokens": "dreambooth.commands.tokens:tokens",
+    "plan": "dreambooth.commands.plan:plan",
     "train": "dreambooth.commands.train:train",
     "demo": "dreambooth.commands.demo:demo",
     "world": "dreambooth.commands.world:world",

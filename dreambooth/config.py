@@ -135,6 +135,9 @@ class ModelConfig:
     path: str = "tiny"  # a local diffusers folder, a single .safetensors file, or "tiny"
     kind: str = _choices("auto", "sd1", "sd2", "sdxl", "flux1", "sd3", default="auto")
     prediction_type: str = _choices("auto", "epsilon", "v_prediction", default="auto")
+    # when path is a single-file FLUX.1 / SD 3.x transformer (BFL or SAI layout): a local diffusers
+    # folder of the same family whose VAE, text encoders, tokenizers and scheduler go with it
+    components: str = ""
     # (no trust_pickle: trust in a pickle checkpoint comes only from --trust-pickle on the command
     # line of this invocation, never from a file; a run's old `model.trust_pickle` is dropped when
     # read, see LEGACY_KEYS)
@@ -204,6 +207,10 @@ class TrainConfig:
     optimizer: str = _choices("adamw", "adamw8bit", default="adamw")
     mixed_precision: str = _choices("no", "fp16", "bf16", default="no")
     gradient_checkpointing: bool = False
+    # move the VAE and the text encoders that do not train to the CPU once the latents and the
+    # prompts' embeddings are cached (their memory is then free for training); evaluation and
+    # the final samples bring them back
+    offload_frozen: bool = False
     snr_gamma: float = _num(0.0, 0)  # min-SNR-gamma loss weighting (0: off; 5.0 is the usual value)
     noise_offset: float = _num(0.0, 0)
     seed: int = _num(0, 0, MAX_SEED)

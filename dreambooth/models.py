@@ -17,6 +17,8 @@ from dreambooth.errors import ModelError
 from dreambooth.tiny import build_tiny
 
 WORLD_MODEL = Path(__file__).parent / "world" / "model"  # the shipped self-trained base model
+WORLD_FLUX_MODEL = Path(__file__).parent / "world" / "flux-model"  # its flow-matching (FLUX.1) twin
+WORLD_MODELS = {"world": WORLD_MODEL, "world-flux": WORLD_FLUX_MODEL}
 EXPECTED = "model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/"
 
 
@@ -36,7 +38,7 @@ def _detect_kind(folder: Path, index: dict) -> str:
     return "sd1"
 
 
-def check_model_folder(folder: Path) -> dict:
+def check_model_folder(folder: Path, without: tuple = ()) -> dict:
     """Return model_index.json's content, or explain what a model folder should hold."""
     if not folder.exists():
         raise ModelError(
@@ -65,7 +67,7 @@ def check_model_folder(folder: Path) -> dict:
         raise ModelError(f"{index_path} is not a diffusers model index (a JSON object): copy the folder again")
     needed = ["transformer" if "transformer" in index else "unet", "vae", "text_encoder", "tokenizer", "scheduler"]
     needed += [name for n in (2, 3) for name in (f"text_encoder_{n}", f"tokenizer_{n}") if f"text_encoder_{n}" in index]
-    missing = [n for n in needed if not (folder / n).is_dir()]
+    missing = [n for n in needed if not (folder / n).is_dir() and n not in without]
     if missing:
         raise ModelError(
             f"{folder} is incomplete: missing {', '.join(m + '/' for m in missing)}. "
@@ -98,23 +100,29 @@ def check_weight_files(folder: Path, parts: list[str], trust_pickle: bool = Fals
 
 
 def load_base_model(path: str, kind: str = "auto", prediction_type: str = "auto",
-                    trust_pickle: bool = False) -> BaseModel:
+                    trust_pickle: bool = False, components: str = "") -> BaseModel:
     """Load ``path`` for training or sampling: a local diffusers folder, a tiny name, or a
     single-file checkpoint in the original layout (``.safetensors``; pickle ``.ckpt``/``.pt``/
     ``.bin`` only with ``trust_pickle``), read offline with the configs shipped for its
-    architecture (see ``dreambooth.single_file``)."""
-    if path == "world":
-        path = str(WORLD_MODEL)
-        if not (WORLD_MODEL / "model_index.json").is_file():
-            raise ModelError(f"the world model is not in {WORLD_MODEL}: build it with "
-                             "`dreambooth world pretrain --ship` (108 minutes on 2 CPU cores when the "
-                             "shipped model was made; slower on other CPUs, docs/world.md)")
+    architecture (see ``dreambooth.single_file``). A single-file FLUX.1 / SD 3.x transformer takes
+    the rest of its pipeline from ``components``, a diffusers folder of its family."""
+    if path in WORLD_MODELS:
+        folder, family = WORLD_MODELS[path], " --family flux1" if path == "world-flux" else ""
+        if not (folder / "model_index.json").is_file():
+            raise ModelError(f"the {path} model is not in {folder}: build it with "
+                             f"`dreambooth world pretrain{family} --ship` (docs/world.md)")
+        path = str(folder)
     if path in TINY_NAMES:
         model = build_tiny(path)
     elif Path(path).suffix.lower() in SINGLE_FILE_SUFFIXES:
         from dreambooth.single_file import load_single_file
+        from dreambooth.transformer_files import holds_transformer
 
-        model = load_single_file(Path(path).expanduser(), kind=kind, trust_pickle=trust_pickle)
+        file = Path(path).expanduser()
+        if holds_transformer(file, trust_pickle):
+            model = load_transformer_model(file, components, kind, trust_pickle)
+        else:
+            model = load_single_file(file, kind=kind, trust_pickle=trust_pickle)
     else:
         model = load_folder(Path(path).expanduser(), kind, trust_pickle)
     if prediction_type != "auto" and prediction_type != model.prediction_type:
@@ -143,19 +151,40 @@ PARTS = {
 }
 
 
-def load_folder(folder: Path, kind: str = "auto", trust_pickle: bool = False) -> BaseModel:
-    """A local diffusers folder as a ``BaseModel`` (float32). A part that cannot be read (a
-    damaged weight file, a broken config) is a ModelError naming that part."""
+def load_transformer_model(file: Path, components: str, kind: str = "auto",
+                           trust_pickle: bool = False) -> BaseModel:
+    """A single-file FLUX.1 / SD 3.x transformer with the VAE, text encoders, tokenizers and
+    scheduler of ``components`` (a diffusers folder of the same family; its own transformer, the
+    largest part, is not read)."""
+    from dreambooth.transformer_files import family_of, load_transformer_file
+
+    transformer = load_transformer_file(file, trust_pickle=trust_pickle)
+    family = "flux1" if family_of(transformer) == "flux" else "sd3"
+    if kind not in ("auto", family):
+        raise ModelError(f"{file} holds a {family} transformer, but the config says model.kind={kind}")
+    if not components:
+        raise ModelError(
+            f"{file} holds only a {family} transformer; its VAE, text encoders and tokenizers come "
+            f"from a local diffusers folder of the same family: set model.components=FOLDER (for "
+            f"example the FLUX.1-dev or stable-diffusion-3.5-medium folder; its transformer/ is not read)")
+    model = load_folder(Path(components).expanduser(), family, trust_pickle, without=("transformer",))
+    model.transformer, model.source = transformer, str(file)
+    return model
+
+
+def load_folder(folder: Path, kind: str = "auto", trust_pickle: bool = False, without: tuple = ()) -> BaseModel:
+    """A local diffusers folder as a ``BaseModel`` (float32), less the parts in ``without``. A part
+    that cannot be read (a damaged weight file, a broken config) is a ModelError naming that part."""
     import importlib
 
     import torch
 
-    index = check_model_folder(folder)
+    index = check_model_folder(folder, without)
     detected = read_part(folder, "text_encoder", lambda: _detect_kind(folder, index))
     if kind not in ("auto", detected):
         raise ModelError(f"{folder} looks like {detected}, but the config says model.kind={kind}")
     weights = [p for p in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
-               if p in index]
+               if p in index and p not in without]
     safe = check_weight_files(folder, weights, trust_pickle)
 
     def loader(name: str, library: str, cls_name: str):
@@ -166,7 +195,8 @@ def load_folder(folder: Path, kind: str = "auto", trust_pickle: bool = False) ->
                           use_safetensors=safe or None)
         return lambda: cls.from_pretrained(folder, **kwargs)
 
-    loaded = {name: read_part(folder, name, loader(name, *where)) for name, where in PARTS[detected].items()}
+    loaded = {name: read_part(folder, name, loader(name, *where)) for name, where in PARTS[detected].items()
+              if name not in without}
     return BaseModel(**{"unet": None, **loaded}, kind=detected, source=str(folder))
 
 
@@ -187,7 +217,8 @@ def load_configured(cfg, trust_pickle: bool = False) -> BaseModel:
     """The base model a run's config names (its ``model`` section), set up as the run uses it
     (``configure``). ``trust_pickle`` comes from this invocation's command line, never a file."""
     m = cfg.model
-    return configure(load_base_model(m.path, m.kind, m.prediction_type, trust_pickle=trust_pickle), cfg)
+    return configure(load_base_model(m.path, m.kind, m.prediction_type, trust_pickle=trust_pickle,
+                                     components=m.components), cfg)
 
 
 def configure(model: BaseModel, cfg) -> BaseModel:

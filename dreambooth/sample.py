@@ -85,9 +85,13 @@ def generate(model: BaseModel, prompts: list[str], seeds: list[int], *, steps: i
         if lora_scale != 1.0 else {}
     if flow:
         extra["max_sequence_length"] = model.t5_length
-    if model.kind == "flux1":  # FLUX.1 guides by its distilled guidance input, not by a negative prompt
-        if any(negatives):
-            print("note: FLUX.1 ignores negative prompts (it has distilled guidance, no second pass)")
+    # FLUX.1 [dev] guides by its distilled guidance input, not by a negative prompt; a FLUX.1
+    # transformer without that input (schnell, world-flux) takes true CFG when guidance > 1
+    true_cfg = model.kind == "flux1" and not model.transformer.config.guidance_embeds and guidance > 1
+    if true_cfg:
+        extra["true_cfg_scale"] = guidance
+    elif model.kind == "flux1" and any(negatives):
+        print("note: FLUX.1 ignores negative prompts (it has distilled guidance, no second pass)")
     images = []
     try:
         for m in modules:
@@ -95,7 +99,7 @@ def generate(model: BaseModel, prompts: list[str], seeds: list[int], *, steps: i
         with torch.no_grad():
             for start in range(0, len(prompts), batch_size):
                 batch = slice(start, start + batch_size)
-                negative = {} if model.kind == "flux1" else {"negative_prompt": negatives[batch]}
+                negative = {} if model.kind == "flux1" and not true_cfg else {"negative_prompt": negatives[batch]}
                 out = pipe(prompt=prompts[batch], **negative,
                            num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
                            generator=[torch.Generator().manual_seed(s) for s in seeds[batch]],

@@ -133,6 +133,8 @@ def setup(cfg: Config | None, run_dir: Path, held: contextlib.ExitStack, *, resu
     family.denoiser(model).to(acc.device)
 
     sources, class_prompt = data_sources(cfg, model, intake, acc, progress)
+    if cfg.train.mode == "lora":  # the base weights are frozen: half precision on GPU (LoRA stays fp32)
+        place_frozen(family.denoiser(model), acc.device, frozen_dtype)
     trainable = make_trainable(model, cfg)
     prior = cfg.prior
     reference = (base_prediction(model, family, cfg, class_prompt, cfg.train.batch_size, acc.device, frozen_dtype)
@@ -161,7 +163,25 @@ def setup(cfg: Config | None, run_dir: Path, held: contextlib.ExitStack, *, resu
     if resume:
         restore(session)
     start_evaluation(session)
+    if cfg.train.offload_frozen:
+        if not trainable.trains_text():
+            conditioning(session, prompts[:1])  # every prompt's embedding, before the encoders leave
+        move_frozen(session, torch.device("cpu"))
     return session
+
+
+def move_frozen(s: Session, device) -> None:
+    """``train.offload_frozen``: the VAE and the text encoders that do not train to ``device``
+    (the CPU during training; back for evaluation and the final samples)."""
+    if not s.cfg.train.offload_frozen:
+        return
+    trained = {id(m) for m in s.trainable.modules.values()}
+    for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        module = getattr(s.model, name)
+        if module is not None and id(module) not in trained:
+            module.to(device)
+    if device.type == "cpu" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def check_run(cfg: Config, model: BaseModel) -> Config:
@@ -277,7 +297,11 @@ def base_prediction(model: BaseModel, family, cfg: Config, class_prompt: str, n:
                 denoiser.enable_adapters()
         return predict
     frozen = place_frozen(copy.deepcopy(denoiser).requires_grad_(False).eval(), device, dtype)
-    return lambda noisy, timesteps: family.predict(frozen, noisy.to(frozen.dtype), timesteps, conds)
+
+    def predict(noisy, timesteps):
+        return family.predict(frozen, noisy.to(frozen.dtype), timesteps, conds)
+    predict.module = frozen  # the copy's memory, for the plan (dreambooth.plan)
+    return predict
 
 
 def restore(s: Session) -> None:
@@ -329,13 +353,20 @@ def training_step(s: Session, micro: int) -> torch.Tensor:
     parts = dreambooth_loss(pred, target, num_instance=b, prior_weight=s.cfg.prior.weight,
                             weights=s.family.loss_weights(s.model, ts, t.snr_gamma),
                             mask=None if masks is None else masks.to(s.acc.device))
-    if not torch.isfinite(parts.total):
+    if not finite(parts.total):
         last = ckpt.latest_checkpoint(s.run_dir)
         raise TrainingError(f"loss became {parts.total.item()} at step {s.step + 1}; stopped. "
                             + (f"The last good checkpoint is {last}. " if last else "No checkpoint was written yet. ")
                             + "Lower train.lr, turn on train.max_grad_norm, or use bf16 instead of fp16.")
     s.acc.backward(parts.total / t.grad_accum)  # the mean over micro-batches
     return torch.stack([parts.total, parts.instance, parts.prior]).detach()
+
+
+def finite(x: torch.Tensor) -> bool:
+    """Whether a scalar is finite; a planned step's fake tensor (``dreambooth.plan``) holds no value."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(x) or bool(torch.isfinite(x))
 
 
 def conditioning(s: Session, prompts: list[str]) -> dict:
@@ -416,8 +447,10 @@ def loop(s: Session, stop_after: int | None = None, progress: bool = True) -> Tr
 
 def evaluate_now(s: Session) -> dict:
     """Run the evaluator on the model as it is now; log and return its record."""
+    move_frozen(s, s.acc.device)
     with s.acc.autocast():
         record = s.evaluator(s.model, ckpt.step_dir_name(s.step), s.step)
+    move_frozen(s, torch.device("cpu"))
     log_metrics(s.run_dir / "metrics.jsonl", record)
     shown = {k: v for k, v in record.items() if k in ("fidelity", "prompt_fidelity")}
     tqdm.write(f"eval step {s.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()))
@@ -457,6 +490,7 @@ def finish(s: Session, stopped_early: bool) -> tuple[Path, int | None]:
     then best.json and report.html. Returns (final/, the chosen step or None)."""
     from dreambooth.report import write_report
 
+    move_frozen(s, s.acc.device)
     kept = {ckpt.checkpoint_step(c) for c in ckpt.list_checkpoints(s.run_dir)} | {s.step}
     choice = select_best(s.history, s.cfg.eval.prompt_floor, allowed=kept) if s.cfg.eval.select_best else None
     if choice is not None and choice.step != s.step:

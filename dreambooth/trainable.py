@@ -87,9 +87,10 @@ def train_token_only(text_encoder, tokenizer, token: str) -> None:
     weight.register_hook(lambda grad: grad * mask.to(grad.device, grad.dtype))
 
 
-def make_optimizer(cfg, trainable: Trainable) -> torch.optim.Optimizer:
+def make_optimizer(cfg, trainable: Trainable, plan: bool = False) -> torch.optim.Optimizer:
     """AdamW (or bitsandbytes' 8-bit AdamW) over the trainable weights: one parameter group per
-    module, the text encoders at ``train.text_encoder_lr`` when set."""
+    module, the text encoders at ``train.text_encoder_lr`` when set. ``plan``: for a planned step
+    (``dreambooth.plan``), plain AdamW stands in for the 8-bit one, whose state the plan scales."""
     t = cfg.train
     token_only = t.train_token and not t.train_text_encoder  # no decay on the untouched rows
     groups = []
@@ -99,10 +100,10 @@ def make_optimizer(cfg, trainable: Trainable) -> torch.optim.Optimizer:
                        "lr": (t.text_encoder_lr or t.lr) if text else t.lr,
                        **({"weight_decay": 0.0} if text and token_only else {})})
     kwargs = dict(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
-    if t.optimizer == "adamw8bit":
+    if t.optimizer == "adamw8bit" and not plan:
         try:
             import bitsandbytes as bnb
         except ImportError:
             raise DreamboothError("train.optimizer=adamw8bit needs bitsandbytes: pip install bitsandbytes") from None
         return bnb.optim.AdamW8bit(groups, **kwargs)
-    return torch.optim.AdamW(groups, fused=torch.cuda.is_available(), **kwargs)
+    return torch.optim.AdamW(groups, fused=torch.cuda.is_available() and not plan, **kwargs)

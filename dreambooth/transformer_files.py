@@ -384,6 +384,27 @@ def from_original(state: Mapping[str, Any], family: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- files
 
 
+def holds_transformer(path: Path, trust_pickle: bool = False) -> bool:
+    """Whether a single file holds a FLUX.1 / SD 3.x transformer (BFL names, or SAI's MMDiT under
+    ``model.diffusion_model.``), read from its key names alone where it is a ``.safetensors``."""
+    from dreambooth.single_file import read_checkpoint
+
+    if not path.is_file():
+        return False
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                keys = list(f.keys())
+        except Exception:
+            return False  # load_single_file names the damage
+    else:
+        keys = list(read_checkpoint(path, trust_pickle)[0])
+    marks = ("double_blocks.", "single_blocks.", "joint_blocks.")
+    return any(k.removeprefix(PREFIX).startswith(marks) for k in keys)
+
+
 def read_transformer_state(path: str | Path, trust_pickle: bool = False) -> tuple[dict[str, Any], dict[str, str]]:
     """(transformer weights with bare original names, safetensors metadata) of one file. Only
     the transformer's tensors are read from a whole-pipeline ``.safetensors``; pickle files are

@@ -33,10 +33,11 @@ BASE_READINGS = "world-base-class-readings.json"  # the base model's class readi
 
 
 def is_world(cfg: Config) -> bool:
-    from dreambooth.models import WORLD_MODEL
+    """Whether the run's base model is one of the shipped world models (UNet or FLUX.1)."""
+    from dreambooth.models import WORLD_MODELS
 
     path = cfg.model.path
-    return path == "world" or Path(path).resolve() == WORLD_MODEL.resolve()
+    return path in WORLD_MODELS or any(Path(path).resolve() == f.resolve() for f in WORLD_MODELS.values())
 
 
 def metric_sets(cfg: Config) -> list[str]:
@@ -53,7 +54,7 @@ def metric_sets(cfg: Config) -> list[str]:
                 "measurement); or turn evaluation off with eval.every=0")
         return ["clip"]
     if e.metrics == "world" and not is_world(cfg):
-        raise ConfigError("eval.metrics=world needs model.path=world (the probes read world scenes)")
+        raise ConfigError("eval.metrics=world needs model.path=world or world-flux (the probes read world scenes)")
     return ["world"] + (["clip"] if have_encoders else [])
 
 

@@ -446,3 +446,25 @@ def test_metrics_log_reads_appends_and_trims_after_a_kill(tmp_path):
     trim_metrics(path, 20)  # the run was killed after its step-20 checkpoint
     assert read_metrics(path) == [{"step": 10, "loss": 0.1}, {"step": 20, "loss": 0.2},
                                   {"kind": "eval", "step": 20, "fidelity": 0.5}]
+
+
+def test_offload_frozen_moves_the_frozen_parts_and_trains_the_same(photos, tmp_path, monkeypatch):
+    """train.offload_frozen: the VAE and the text encoder leave the training device once their
+    caches are made, and come back for evaluation and the final samples. On a CPU the move is to
+    the same device, so the losses are those of a run without it; the moves are recorded."""
+    import dreambooth.train as tr
+
+    moves = []
+    real_move = tr.move_frozen
+    monkeypatch.setattr(tr, "move_frozen", lambda s, device: (moves.append(device.type), real_move(s, device)))
+    plain = train(make_cfg(photos, "train.steps=3"), tmp_path / "plain", progress=False)
+    moves.clear()
+    off = train(make_cfg(photos, "train.steps=3", "train.offload_frozen=true", "eval.every=2",
+                         "eval.metrics=clip", "eval.dino=tiny", "eval.clip=tiny", "eval.num_images=1",
+                         "eval.class_images=1", "eval.steps=2"), tmp_path / "off", progress=False)
+    assert [m["loss"] for m in metrics(tmp_path / "plain")] == \
+        [m["loss"] for m in metrics(tmp_path / "off") if "loss" in m]
+    assert plain.loss == off.loss
+    # back and away around each evaluation (steps 0, 2, 3), away after setup, back for final/ (all
+    # to "cpu" here)
+    assert len(moves) == 2 + 1 + 2 + 2 + 1

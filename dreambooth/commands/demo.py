@@ -9,11 +9,12 @@ from pathlib import Path
 
 MARKER = ".dreambooth-demo"
 DEMO_SUBJECT = 7  # index into dreambooth.world.render.held_out_subjects()
+FAMILIES = {"sd1": ("world", "tiny"), "flux1": ("world-flux", "tiny-flux1")}  # (world model, fallback)
 PROMPTS = ["a photo of {token} {class}", "a photo of {token} {class} on the beach",
            "a photo of {token} {class} in the snow", "a photo of a {class}"]
 
 
-def demo(out: str = "dreambooth-demo", model: str = "auto", steps: int | None = None,
+def demo(out: str = "dreambooth-demo", model: str = "auto", family: str = "sd1", steps: int | None = None,
          quick: bool = False, progress: bool = True) -> int:
     """Run DreamBooth end to end, offline, and print where the run and its images are.
 
@@ -25,20 +26,25 @@ def demo(out: str = "dreambooth-demo", model: str = "auto", steps: int | None = 
 
     Args:
         out: folder for the demo (photos/, run/); a previous demo there is replaced
-        model: auto (world if shipped, else tiny), world, tiny, or a local diffusers folder
+        model: auto (the family's world model if shipped, else its tiny one), world, world-flux,
+            tiny, tiny-flux1, or a local diffusers folder
+        family: sd1 (the UNet world model) or flux1 (the flow-matching world model)
         steps: training steps (default: the preset's)
         quick: fewer class images, samples and solver steps (a smoke test, e.g. in CI)
         progress: show progress bars
     """
     from dreambooth.config import build_config
     from dreambooth.errors import DreamboothError
-    from dreambooth.models import WORLD_MODEL
+    from dreambooth.models import WORLD_MODELS
     from dreambooth.rundir import Run
     from dreambooth.train import train
     from dreambooth.world.render import held_out_subjects
 
+    if family not in FAMILIES:
+        raise DreamboothError(f"--family {family}: choose one of {', '.join(FAMILIES)}")
+    world, tiny = FAMILIES[family]
     if model == "auto":
-        model = "world" if (WORLD_MODEL / "model_index.json").is_file() else "tiny"
+        model = world if (WORLD_MODELS[world] / "model_index.json").is_file() else tiny
     root = Path(out)
     if root.exists() and not root.is_dir():
         raise DreamboothError(f"--out {root} is a file, not a folder; pass --out NEW_FOLDER")
@@ -60,14 +66,15 @@ def demo(out: str = "dreambooth-demo", model: str = "auto", steps: int | None = 
     print(f"1/3 rendered 5 photos of a {subject.color} {subject.pattern} {subject.shape} with a "
           f"{subject.mark} mark (a combination the world model never saw), each captioned with its "
           f"background and a mask of the {subject.shape}, in {root / 'photos'}")
-    cfg = build_config("world" if model == "world" else "tiny", overrides=overrides, extra={
+    preset = {"world": "world", "world-flux": "world-flux", "tiny-flux1": "tiny-flux1"}.get(model, "tiny")
+    cfg = build_config(preset, overrides=overrides, extra={
         "data.images": str(root / "photos"), "data.class_noun": subject.shape, "model.path": model})
     result = train(cfg, root / "run", progress=progress)
     print(f"2/3 trained {result.step} steps with prior preservation (loss {result.loss:.4f})")
     run = Run(root / "run")
     tuned, cfg, _ = run.load("final")  # from the run directory, as any later stage would
     samples = run.samples / "final"
-    if model == "world":
+    if model in WORLD_MODELS:
         report = _world_scores(run, tuned, cfg, n_class=16 if quick else 100, progress=progress)
     else:
         report = _samples(tuned, cfg, samples)
@@ -76,7 +83,7 @@ def demo(out: str = "dreambooth-demo", model: str = "auto", steps: int | None = 
     print(f"run directory: {run.path}  (config.yaml, metrics.jsonl, checkpoints/, final/)")
     print(f"samples:       {samples}  contact sheet: {samples / 'grid.png'}")
     print(f"took {time.perf_counter() - started:.0f} s.")
-    if model != "world":
+    if model not in WORLD_MODELS:
         print("The tiny base model is random, so its samples are noise; use --model world (after "
               "`dreambooth world pretrain --ship`) or a real Stable Diffusion folder.")
     return 0

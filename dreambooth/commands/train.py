@@ -35,8 +35,9 @@ def train(
         trust_pickle: allow pickle weights (.ckpt/.pt/.bin) in --model for this command only (unpickling runs code: only for files you trust; never read from a config file)
         progress: show a progress bar
     """
-    from dreambooth.config import build_config
+    from dreambooth.config import build_config, load_config
     from dreambooth.errors import DreamboothError
+    from dreambooth.plan import preflight
     from dreambooth.rundir import require_run
     from dreambooth.train import train as run_training
 
@@ -45,6 +46,7 @@ def train(
         if any(v is not None for v in (images, class_noun, token, model, preset, config, overrides, out)):
             raise DreamboothError("--resume takes the run's own config.yaml; give no other settings "
                                   "(edit RUN_DIR/config.yaml to change one)")
+        preflight(load_config(run_dir / "config.yaml"))  # on a GPU: refuse a run that cannot fit, before loading
         result = run_training(None, run_dir, resume=True, progress=progress, trust_pickle=trust_pickle)
     else:
         if not out:
@@ -58,6 +60,7 @@ def train(
         cfg = build_config(preset, config, overrides, extra={
             "data.images": images, "data.class_noun": class_noun, "data.token": token,
             "model.path": model})
+        preflight(cfg)
         result = run_training(cfg, run_dir, progress=progress, trust_pickle=trust_pickle)
     where = result.final or run_dir
     print(f"done: step {result.step}, loss {result.loss:.4f}. Run directory: {run_dir}  Weights: {where}")

@@ -183,9 +183,10 @@ def reconstruction_loss(vae, cfg: PretrainConfig, k: int, kl_weight: float) -> t
 
 
 def latent_pool(model: BaseModel, n: int, seed: int, size_range, mark_rate: float = 0.2,
-                mark_named: float = 0.0, mark_weight: float = 1.0) -> dict[str, torch.Tensor]:
+                mark_named: float = 0.0, mark_weight: float = 1.0, tokenizer_2=None) -> dict[str, torch.Tensor]:
     """n rendered scenes as frozen-VAE latents, caption token ids, and per-latent-cell loss
-    weights (``mark_weight`` on the cells a mark covers, grown by one cell; 1 elsewhere)."""
+    weights (``mark_weight`` on the cells a mark covers, grown by one cell; 1 elsewhere); with
+    ``tokenizer_2`` also its ids of the captions ("ids_2", "empty_2")."""
     from dreambooth.models import encode_latents, tokenize
     from dreambooth.world.render import mark_mask, sample_pretraining
 
@@ -204,17 +205,20 @@ def latent_pool(model: BaseModel, n: int, seed: int, size_range, mark_rate: floa
             cells = torch.nn.functional.max_pool2d(cells, 3, stride=1, padding=1)
             weights = 1 + (mark_weight - 1) * cells
         chunks[k] = (encode_latents(model, arrays_to_tensor(images), batch=100),
-                     tokenize(model.tokenizer, caps), weights)
+                     tokenize(model.tokenizer, caps), weights,
+                     None if tokenizer_2 is None else tokenize(tokenizer_2, caps))
     if world > 1:
         import torch.distributed as dist
 
         every = [None] * world
         dist.all_gather_object(every, chunks)
         chunks = {k: v for part in every for k, v in part.items()}
-    latents, ids, weights = zip(*(chunks[k] for k in sorted(chunks)))
+    latents, ids, weights, ids_2 = zip(*(chunks[k] for k in sorted(chunks)))
     pool = dict(latents=torch.cat(latents), ids=torch.cat(ids), empty=tokenize(model.tokenizer, [""])[0])
     if mark_weight != 1.0:
         pool["weights"] = torch.cat(weights)
+    if tokenizer_2 is not None:
+        pool.update(ids_2=torch.cat(ids_2), empty_2=tokenize(tokenizer_2, [""])[0])
     return pool
 
 
@@ -274,7 +278,8 @@ def _resume(folder: Path, named: dict[str, torch.nn.Module], optimizer, sched) -
 
 
 def _save(folder: Path, step: int, named, optimizer, sched, cfg, loss: float) -> None:
-    weights = {f"{n}.{k}": v for n, m in named.items() for k, v in m.state_dict().items()}
+    # cloned: tied weights (T5's shared and embed_tokens) are one tensor that safetensors refuses twice
+    weights = {f"{n}.{k}": v.clone() for n, m in named.items() for k, v in m.state_dict().items()}
     ckpt.save_checkpoint(folder, step, weights=weights, optimizer_state=optimizer.state_dict(),
                          lr_scheduler_state=sched.state_dict(), state={"loss": loss},
                          config_yaml=json.dumps(asdict(cfg)), keep=1)
@@ -364,15 +369,21 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, workers: int = 
         raise DreamboothError(f"workers={workers}: use 1 to {cfg.max_workers()}, "
                               "one per CPU core (each worker trains a share of every batch)")
     check_resumable(Path(out), cfg)
+    return run_workers(_pretrain, Path(out), cfg, workers)
+
+
+def run_workers(target, out: Path, cfg, workers: int) -> Path:
+    """``target(out, cfg)`` in this process, or in ``workers`` one-thread processes joined by gloo
+    (each trains its rows of every batch: the module's docstring)."""
     if workers == 1:
-        return _pretrain(Path(out), cfg)
+        return target(out, cfg)
     import torch.multiprocessing as mp
 
     with socket.socket() as s:  # a free port for the workers to meet on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(workers, port, str(out), cfg), nprocs=workers, join=True)
-    return Path(out) / "model"
+    mp.spawn(_worker, args=(workers, port, str(out), cfg, target), nprocs=workers, join=True)
+    return out / "model"
 
 
 # The settings that set the shapes of the UNet stages' checkpointed weights (the VAE's are fixed).
@@ -403,7 +414,7 @@ def check_resumable(out: Path, cfg: PretrainConfig) -> None:
                 "resumed with these settings: pass a new --out folder (or delete this one)")
 
 
-def _worker(rank: int, workers: int, port: int, out: str, cfg: PretrainConfig) -> None:
+def _worker(rank: int, workers: int, port: int, out: str, cfg, target) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -411,7 +422,7 @@ def _worker(rank: int, workers: int, port: int, out: str, cfg: PretrainConfig) -
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=workers)
     try:
-        _pretrain(Path(out), cfg)
+        target(Path(out), cfg)
     finally:
         dist.destroy_process_group()
 

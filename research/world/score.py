@@ -21,6 +21,13 @@ from dreambooth.models import BaseModel
 from dreambooth.world.render import BACKGROUND_PHRASES, BACKGROUNDS, Subject
 
 
+def solver(model: BaseModel) -> str:
+    """The sampler of every score: DPM-Solver++ for the UNet, flow matching's Euler for FLUX.1."""
+    from dreambooth.base_model import FLOW_KINDS
+
+    return "euler" if model.kind in FLOW_KINDS else "dpmpp"
+
+
 def subject_prompts(token: str, shape: str) -> list[tuple[str, str | None]]:
     """(prompt, background asked for): the plain subject prompt and one per background."""
     plain = [(f"a photo of {token} {shape}", None)]
@@ -36,7 +43,7 @@ def class_samples(model: BaseModel, shape: str, n: int, probe, steps: int = 25,
     from dreambooth.sample import generate
 
     images = generate(model, [f"a photo of a {shape}"] * n, [seed + i for i in range(n)],
-                      steps=steps, guidance=guidance, batch_size=batch, progress=progress)
+                      steps=steps, guidance=guidance, batch_size=batch, progress=progress, scheduler=solver(model))
     return probe.read(images), images
 
 
@@ -78,7 +85,7 @@ def generate(model, prompts, seeds, *, subject_guidance: float = 0.0, subject_be
                                subject_below=subject_below, token=token, class_noun=class_noun, **kw)
     from dreambooth.sample import generate as plain
 
-    return plain(model, prompts, seeds, **kw)
+    return plain(model, prompts, seeds, scheduler=solver(model), **kw)
 
 
 def subject_scores(tuned: BaseModel, subject: Subject, token: str, *, seeds: int = 4, steps: int = 25, guidance: float = 5.0, probe=None,
@@ -153,7 +160,7 @@ def base_accuracy(model: BaseModel, n: int = 200, seed: int = 7, steps: int = 25
         if not is_held_out(scene):
             scenes.append(scene)
     images = generate(model, [caption(s) for s in scenes], [seed + i for i in range(n)],
-                      steps=steps, guidance=guidance, batch_size=32)
+                      steps=steps, guidance=guidance, batch_size=32, scheduler=solver(model))
     readings = probe.read(images)
     factors = DISTRIBUTION
     out = {f: sum(r[f] == getattr(s, f) for r, s in zip(readings, scenes)) / n for f in factors}

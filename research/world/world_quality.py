@@ -51,6 +51,7 @@ def main(argv=None) -> int:
                     help="captions that also name a mark (or none), to count how often the base "
                          "model draws the named mark (0: skip)")
     ap.add_argument("--model", default="world")
+    ap.add_argument("--preset", default="world", help="the training preset (world-flux for --model world-flux)")
     ap.add_argument("--guidance", type=float, default=5.0,
                     help="classifier-free guidance of every sample: the base-model check, the class "
                          "samples before and after tuning, the subject prompts (the preset's sample."
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
             runs = []  # one summary per training seed
             for i, train_seed in enumerate(seeds):
                 name = label if train_seed == 0 else f"{label}@seed{train_seed}"  # --seeds 1 alone: "prior@seed1"
-                cfg = build_config("world", overrides=[
+                cfg = build_config(args.preset, overrides=[
                     *sets, *([f"train.steps={args.steps}"] if args.steps else []),
                     f"train.seed={train_seed}", *args.sets], extra={
                     "data.images": str(photos), "data.class_noun": subject.shape, "model.path": args.model})

@@ -1,0 +1,117 @@
+"""`dreambooth plan` (dreambooth/plan.py): one training step on fake tensors predicts the peak
+tensor memory of the real step, for every family and training mode; advice for a run that does
+not fit; `train` refuses such a run before it loads anything."""
+
+import contextlib
+
+import pytest
+
+from dreambooth import plan
+from dreambooth.config import build_config
+from tests.painting import paint_subject
+
+CASES = [  # (preset, --set items): every family, full and LoRA, and the switches that change memory
+    ("tiny", []),
+    ("tiny", ["train.mode=lora"]),
+    ("tiny", ["data.resolution=128", "train.batch_size=4"]),  # activations dominate
+    ("tiny", ["data.resolution=128", "train.batch_size=4", "train.gradient_checkpointing=true"]),
+    ("tiny", ["train.train_text_encoder=true"]),
+    ("tiny", ["prior.target=base"]),  # a frozen copy of the UNet
+    ("tiny", ["model.path=tiny-sdxl", "train.mode=lora", "train.train_text_encoder=true"]),
+    ("tiny", ["model.path=tiny-sd2"]),
+    ("tiny-flux1", []),
+    ("tiny-flux1", ["train.mode=full", "data.resolution=128"]),
+    ("tiny-sd3", []),
+    ("tiny-sd3", ["train.mode=full", "train.offload_frozen=true"]),
+]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("plan") / "photos"
+    paint_subject(folder, 3)
+    return folder
+
+
+def config(preset, items, photos):
+    return build_config(preset, overrides=["prior.num_images=2", *items], extra={
+        "data.images": str(photos), "data.class_noun": "dog", "data.token": "waj"})
+
+
+@pytest.mark.parametrize("preset,items", CASES, ids=[" ".join([p, *i]) for p, i in CASES])
+def test_prediction_is_within_ten_percent_of_the_measured_step(preset, items, photos, tmp_path):
+    from dreambooth.train import setup
+
+    cfg = config(preset, items, photos)
+    predicted = plan.predict(cfg)
+    with contextlib.ExitStack() as held:
+        measured = plan.measure(setup(cfg, tmp_path / "run", held, progress=False))
+    assert predicted.peak == pytest.approx(measured.peak, rel=0.10), (predicted.parts, measured.parts)
+    # the parts that do not depend on kernels are exact
+    for part in ("weights", "gradients", "optimizer state"):
+        assert predicted.parts[part] == measured.parts[part], part
+    assert measured.parts["activations and temporaries"] > 0
+
+
+def test_switches_lower_the_prediction(photos):
+    base = plan.predict(config("tiny", ["data.resolution=128", "train.batch_size=4"], photos))
+    ckpt = plan.predict(config("tiny", ["data.resolution=128", "train.batch_size=4",
+                                        "train.gradient_checkpointing=true"], photos))
+    eight = plan.predict(config("tiny", ["train.optimizer=adamw8bit"], photos))
+    full = plan.predict(config("tiny", [], photos))
+    assert ckpt.parts["activations and temporaries"] < 0.7 * base.parts["activations and temporaries"]
+    assert eight.parts["optimizer state"] == int(full.parts["optimizer state"] * 2 * plan.BNB_BYTES / 8)
+    offloaded = plan.predict(config("tiny", ["train.offload_frozen=true"], photos))
+    assert "vae (frozen)" in full.parts and "vae (frozen)" not in offloaded.parts
+    assert offloaded.peak == full.peak - full.parts["vae (frozen)"] - full.parts["text_encoder (frozen)"]
+    # advice derives these two from the estimate before, without another planned step: the same figures
+    cfg = config("tiny", [], photos)
+    assert plan._derived(full, ["train.optimizer=adamw8bit"], cfg).peak == eight.peak
+    assert plan._derived(full, ["train.offload_frozen=true"], cfg).peak == offloaded.peak
+
+
+def test_advice_for_a_run_that_does_not_fit(photos):
+    cfg = config("tiny", ["data.resolution=128", "train.batch_size=2"], photos)
+    estimate = plan.predict(cfg)
+    budget = estimate.peak + plan.CUDA_OVERHEAD - 1  # one byte short
+    rows = plan.advise(cfg, budget, estimate)
+    assert rows and plan.fits(rows[-1][2], budget)
+    assert rows[0][1] == ["train.batch_size=1", "train.grad_accum=2"]  # the cheapest first
+    assert all(b[2].peak <= a[2].peak for a, b in zip(rows, rows[1:]))
+    text = plan.report(cfg, estimate, budget, rows)
+    assert "does NOT fit" in text and "--set train.batch_size=1" in text
+    assert plan.advise(cfg, estimate.peak + plan.CUDA_OVERHEAD) == []  # fits: nothing to change
+
+
+def test_budget_parsing():
+    assert plan.parse_budget("24GB") == 24 * 2**30 == plan.parse_budget("24") == plan.parse_budget("24GiB")
+    assert plan.parse_budget(None) is None
+    for bad in ("lots", "-3GB", "0"):
+        with pytest.raises(plan.DreamboothError, match="--gpu"):
+            plan.parse_budget(bad)
+
+
+def test_train_refuses_a_run_that_cannot_fit_before_loading(photos, tmp_path, monkeypatch, capsys):
+    from dreambooth import models
+    from dreambooth.cli import main
+
+    monkeypatch.setenv("DREAMBOOTH_GPU_MEMORY", "0.5GB")  # under the CUDA context alone
+    monkeypatch.setattr(models, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(plan, "advise", lambda *a, **k: [])  # (test_advice_for_a_run_that_does_not_fit)
+    code = main(["train", "--images", str(photos), "--class", "dog", "--preset", "tiny", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "does not fit the GPU" in err and "does NOT fit in 0.5 GiB" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_plan_command_for_an_architecture_without_weights(capsys):
+    """A real-size SD 1.5 from the shipped configs alone (meta-sized, fake tensors): full
+    fine-tuning at 512 px with checkpointing; 8-bit AdamW is the switch that makes it fit 10 GB."""
+    from dreambooth.cli import main
+
+    code = main(["plan", "--model", "sd15", "--preset", "sd15-full", "--set", "train.gradient_checkpointing=true",
+                 "--set", "train.steps=10", "--gpu", "10GB"])
+    out = capsys.readouterr().out
+    assert code == 0 and "does NOT fit in 10 GiB" in out and "train.optimizer=adamw8bit" in out
+    weights = float(next(line for line in out.splitlines() if line.strip().startswith("weights")).split()[1])
+    assert weights == pytest.approx(859_520_964 * 4 / 2**30, rel=1e-3)  # the UNet's parameters, fp32
