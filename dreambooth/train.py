@@ -162,11 +162,11 @@ def setup(cfg: Config | None, run_dir: Path, held: contextlib.ExitStack, *, resu
                       yaml.safe_dump(cfg.to_dict(), sort_keys=False), text_model, reference, project)
     if resume:
         restore(session)
-    start_evaluation(session)
     if cfg.train.offload_frozen:
         if not trainable.trains_text():
             conditioning(session, prompts[:1])  # every prompt's embedding, before the encoders leave
         move_frozen(session, torch.device("cpu"))
+    start_evaluation(session)  # (an evaluation brings them back for its samples, then away again)
     return session
 
 

@@ -465,6 +465,6 @@ def test_offload_frozen_moves_the_frozen_parts_and_trains_the_same(photos, tmp_p
     assert [m["loss"] for m in metrics(tmp_path / "plain")] == \
         [m["loss"] for m in metrics(tmp_path / "off") if "loss" in m]
     assert plain.loss == off.loss
-    # back and away around each evaluation (steps 0, 2, 3), away after setup, back for final/ (all
-    # to "cpu" here)
+    # away once setup has cached the embeddings, back and away around each evaluation (steps 0, 2,
+    # 3), back for final/ (all to "cpu" here)
     assert len(moves) == 2 + 1 + 2 + 2 + 1

@@ -36,7 +36,7 @@ class FluxPretrainConfig:
     steps: int = 8000
     batch: int = 48
     lr: float = 4e-4
-    polish_steps: int = 0  # a second stage on the same pool, warm-up + cosine again from polish_lr
+    polish_steps: int = 6000  # a second stage on the same pool, warm-up + cosine again from polish_lr
     polish_lr: float = 1.5e-4
     warmup: int = 300
     pool: int = 20000  # rendered scenes whose latents the stage trains on
