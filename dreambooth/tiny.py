@@ -24,13 +24,15 @@ T5_MAX_LENGTH = 32  # tokens: the tiny T5's prompt length (one per character, pl
 VAE_FACTORS = {"flux1": (0.3611, 0.1159), "sd3": (1.5305, 0.0609)}  # (scaling, shift) of the real VAEs
 
 
-def t5_tokenizer(max_length: int = T5_MAX_LENGTH):
-    """A T5TokenizerFast over a character-level Unigram vocabulary (pad 0, </s> 1, <unk> 2)."""
+def t5_tokenizer(max_length: int = T5_MAX_LENGTH, words: tuple[str, ...] = ()):
+    """A T5TokenizerFast over a character-level Unigram vocabulary (pad 0, </s> 1, <unk> 2), with
+    a whole-word piece ("▁word") for each of ``words`` before the characters: the Unigram model
+    then reads those words as one token and spells out anything else."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import T5TokenizerFast
 
-    pieces = ["<pad>", "</s>", "<unk>", "▁"] + list(string.ascii_lowercase + string.digits + string.punctuation)
-    vocab = [(p, 0.0 if i < 3 else -1.0) for i, p in enumerate(pieces)]
+    chars = ["▁", *string.ascii_lowercase, *string.digits, *string.punctuation]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(p, -1.0) for p in ["▁" + w for w in words] + chars]
     tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Metaspace()

@@ -181,3 +181,12 @@ def test_polish_stage_goes_on_from_the_first(toy_run, tmp_path):
     partial = wf.load_partial(out)  # the newest stage's weights
     for k, v in partial.transformer.state_dict().items():
         assert torch.equal(v, polished[f"transformer.{k}"]), k
+
+
+@shipped
+def test_the_code_builds_the_shipped_t5_vocabulary():
+    """Pretraining reproduces the shipped model only if the tokenizer it builds gives the same ids."""
+    from transformers import T5TokenizerFast
+
+    shipped_tok = T5TokenizerFast.from_pretrained(WORLD_FLUX_MODEL, subfolder="tokenizer_2")
+    assert shipped_tok.get_vocab() == wf.t5_tokenizer(24).get_vocab()

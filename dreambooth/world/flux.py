@@ -17,7 +17,6 @@ UNet world's two stages (a share of marked objects, most of them named).
 from __future__ import annotations
 
 import json
-import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -68,21 +67,10 @@ def world_words() -> list[str]:
 
 
 def t5_tokenizer(max_length: int):
-    """A T5TokenizerFast over a Unigram vocabulary of the world's words, with one piece per
-    character as the fallback (pad 0, </s> 1, <unk> 2)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import T5TokenizerFast
+    """The T5 tokenizer: a piece per world word, one per character for the rest (``tiny.t5_tokenizer``)."""
+    from dreambooth.tiny import t5_tokenizer as build
 
-    chars = ["▁"] + list(string.ascii_lowercase + string.digits + string.punctuation)
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    pieces += [("▁" + w, -1.0) for w in world_words()] + [(c, -1.0) for c in chars]
-    tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                           model_max_length=max_length, extra_ids=0)
+    return build(max_length, tuple(world_words()))
 
 
 def architecture(cfg: FluxPretrainConfig) -> BaseModel:
