@@ -152,7 +152,7 @@ def build_from_configs(path: str) -> BaseModel:
     for name, (library, cls_name) in PARTS[kind].items():
         cls = getattr(importlib.import_module(library), cls_name)
         if name.startswith("tokenizer"):
-            parts[name] = _Tokenizer(512 if cls_name.startswith("T5") else 77)
+            parts[name] = _Tokenizer(_max_length(folder / name, 512 if cls_name.startswith("T5") else 77))
         elif name == "scheduler":
             flow = cls is FlowMatchEulerDiscreteScheduler
             with unset_fake_temporarily():
@@ -163,6 +163,17 @@ def build_from_configs(path: str) -> BaseModel:
         else:
             parts[name] = cls(AutoConfig.from_pretrained(folder / name))
     return BaseModel(**{"unet": None, **parts}, kind=kind, source=path)
+
+
+def _max_length(folder: Path, default: int) -> int:
+    """A tokenizer folder's model_max_length (its prompt length), else the family's default."""
+    import json
+
+    try:
+        value = json.loads((folder / "tokenizer_config.json").read_text()).get("model_max_length")
+    except (OSError, ValueError):
+        return default
+    return int(value) if isinstance(value, (int, float)) and 0 < value < 100_000 else default
 
 
 def _bytes(modules) -> int:
@@ -272,7 +283,7 @@ def fake_session(cfg):
     from dreambooth.batch import Source
     from dreambooth.family import family_of
     from dreambooth.models import configure
-    from dreambooth.train import Session, base_prediction
+    from dreambooth.train import Session
     from dreambooth.trainable import make_optimizer, make_trainable
 
     model = configure(build_from_configs(cfg.model.path), cfg)
@@ -287,8 +298,7 @@ def fake_session(cfg):
     prompts = [f"a photo of {cfg.data.token} {cfg.data.class_noun or 'dog'}", f"a photo of a {cfg.data.class_noun or 'dog'}"]
     sources = [Source(latents, prompts[:1])] + ([Source(latents.clone(), prompts[1:])] if cfg.prior.enabled else [])
     trainable = make_trainable(model, cfg)
-    reference = (base_prediction(model, family, cfg, prompts[1], cfg.train.batch_size, torch.device("cpu"), dtype)
-                 if cfg.prior.enabled and cfg.prior.target == "base" else None)
+    reference = _reference(cfg, model, family, prompts[1], dtype)
     if cfg.train.gradient_checkpointing:
         for module in trainable.modules.values():
             (module.enable_gradient_checkpointing if module is family.denoiser(model)
@@ -298,6 +308,30 @@ def fake_session(cfg):
     trainable.wrapped = dict(trainable.modules)
     return Session(cfg, Path("."), _Accelerator(cfg.train.mixed_precision), model, family, trainable, optimizer,
                    sched, sources, sorted(set(p for src in sources for p in src.prompts)), "", model, reference)
+
+
+def _reference(cfg, model: BaseModel, family, class_prompt: str, dtype):
+    """``prior.target: base`` as ``train.base_prediction`` makes it, except that full fine-tuning's
+    frozen copy of the denoiser is built again from the configs (fake tensors cannot be deep-copied)."""
+    from dreambooth.train import base_prediction
+
+    if not (cfg.prior.enabled and cfg.prior.target == "base"):
+        return None
+    cpu = torch.device("cpu")
+    if cfg.train.mode == "lora":
+        return base_prediction(model, family, cfg, class_prompt, cfg.train.batch_size, cpu, dtype)
+    frozen = getattr(build_from_configs(cfg.model.path), family.denoiser_name).requires_grad_(False).eval()
+    frozen.to(dtype=dtype)
+    with torch.no_grad():
+        cond = family.encode_prompts(model, [class_prompt], cpu)
+    conds = cond
+    for _ in range(cfg.train.batch_size - 1):
+        conds = family.concat_cond(conds, cond)
+
+    def predict(noisy, timesteps):
+        return family.predict(frozen, noisy.to(frozen.dtype), timesteps, conds)
+    predict.module = frozen
+    return predict
 
 
 def predict(cfg) -> Estimate:

@@ -115,3 +115,21 @@ def test_plan_command_for_an_architecture_without_weights(capsys):
     assert code == 0 and "does NOT fit in 10 GiB" in out and "train.optimizer=adamw8bit" in out
     weights = float(next(line for line in out.splitlines() if line.strip().startswith("weights")).split()[1])
     assert weights == pytest.approx(859_520_964 * 4 / 2**30, rel=1e-3)  # the UNet's parameters, fp32
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-flux1"])
+def test_a_model_folder_is_planned_from_its_configs_alone(name, photos, tmp_path):
+    """A diffusers folder is planned from its config files (every tensor fake, no weight read),
+    full fine-tuning with the distilled prior's frozen copy, and matches the measured step."""
+    from dreambooth.tiny import build_tiny
+    from dreambooth.train import setup
+
+    build_tiny(name).save(tmp_path / "model")
+    preset = "tiny-flux1" if name == "tiny-flux1" else "tiny"
+    cfg = config(preset, ["train.mode=full", "prior.target=base", f"model.path={tmp_path / 'model'}"], photos)
+    predicted = plan.predict(cfg)
+    with contextlib.ExitStack() as held:
+        measured = plan.measure(setup(cfg, tmp_path / "run", held, progress=False))
+    assert predicted.peak == pytest.approx(measured.peak, rel=0.10), (predicted.parts, measured.parts)
+    assert predicted.parts["frozen copy of the denoiser (prior.target: base)"] == \
+        measured.parts["frozen copy of the denoiser (prior.target: base)"] > 0
