@@ -208,7 +208,7 @@ def _swap_halves(t):
     return torch.cat([second, first], dim=0)
 
 
-def _writer(take: _Take, out: dict[str, Any]) -> tuple[Callable, Callable, Callable]:
+def _writer(take: _Take, out: dict[str, Any]) -> tuple[Callable, Callable, Callable, Callable]:
     import torch
 
     def linear(src: str, dst: str) -> None:
@@ -223,14 +223,18 @@ def _writer(take: _Take, out: dict[str, Any]) -> tuple[Callable, Callable, Calla
     def norm(src: str, dst: str) -> None:
         out[dst] = take(src)
 
-    return linear, fused, norm
+    def swapped(src: str, dst: str) -> None:  # a modulation diffusers stores (scale, shift), the original (shift, scale)
+        out[f"{dst}.weight"] = _swap_halves(take(f"{src}.weight"))
+        out[f"{dst}.bias"] = _swap_halves(take(f"{src}.bias"))
+
+    return linear, fused, norm, swapped
 
 
 def flux_to_original(state: Mapping[str, Any]) -> dict[str, Any]:
     """BFL FLUX.1 names (bare) from a diffusers ``FluxTransformer2DModel`` state dict: the inverse
     of ``convert_flux_transformer_checkpoint_to_diffusers``."""
     take, out = _Take(state), {}
-    linear, fused, norm = _writer(take, out)
+    linear, fused, norm, swapped = _writer(take, out)
     linear("time_text_embed.timestep_embedder.linear_1", "time_in.in_layer")
     linear("time_text_embed.timestep_embedder.linear_2", "time_in.out_layer")
     linear("time_text_embed.text_embedder.linear_1", "vector_in.in_layer")
@@ -264,8 +268,7 @@ def flux_to_original(state: Mapping[str, Any]) -> dict[str, Any]:
         norm(s + "attn.norm_k.weight", o + "norm.key_norm.scale")
         linear(s + "proj_out", o + "linear2")
     linear("proj_out", "final_layer.linear")
-    out["final_layer.adaLN_modulation.1.weight"] = _swap_halves(take("norm_out.linear.weight"))
-    out["final_layer.adaLN_modulation.1.bias"] = _swap_halves(take("norm_out.linear.bias"))
+    swapped("norm_out.linear", "final_layer.adaLN_modulation.1")
     take.done()
     return out
 
@@ -276,7 +279,7 @@ def sd3_to_original(state: Mapping[str, Any]) -> dict[str, Any]:
     The last block is context-pre-only (no text output projection or MLP) and stores its text
     modulation as (shift, scale), like the final layer."""
     take, out = _Take(state), {}
-    linear, fused, norm = _writer(take, out)
+    linear, fused, norm, swapped = _writer(take, out)
     norm("pos_embed.pos_embed", "pos_embed")
     linear("pos_embed.proj", "x_embedder.proj")
     linear("time_text_embed.timestep_embedder.linear_1", "t_embedder.mlp.0")
@@ -306,8 +309,7 @@ def sd3_to_original(state: Mapping[str, Any]) -> dict[str, Any]:
             linear(d + "attn2.to_out.0", x + "attn2.proj")
         linear(d + "norm1.linear", x + "adaLN_modulation.1")
         if last:
-            out[c + "adaLN_modulation.1.weight"] = _swap_halves(take(d + "norm1_context.linear.weight"))
-            out[c + "adaLN_modulation.1.bias"] = _swap_halves(take(d + "norm1_context.linear.bias"))
+            swapped(d + "norm1_context.linear", c + "adaLN_modulation.1")
         else:
             linear(d + "norm1_context.linear", c + "adaLN_modulation.1")
         linear(d + "ff.net.0.proj", x + "mlp.fc1")
@@ -316,8 +318,7 @@ def sd3_to_original(state: Mapping[str, Any]) -> dict[str, Any]:
             linear(d + "ff_context.net.0.proj", c + "mlp.fc1")
             linear(d + "ff_context.net.2", c + "mlp.fc2")
     linear("proj_out", "final_layer.linear")
-    out["final_layer.adaLN_modulation.1.weight"] = _swap_halves(take("norm_out.linear.weight"))
-    out["final_layer.adaLN_modulation.1.bias"] = _swap_halves(take("norm_out.linear.bias"))
+    swapped("norm_out.linear", "final_layer.adaLN_modulation.1")
     take.done()
     return out
 
