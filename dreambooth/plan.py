@@ -186,12 +186,9 @@ def resident_frozen(s) -> dict[str, int]:
     """The frozen modules a step does not create but that stay on the device: the VAE (the latents
     are cached) and the text encoders that do not train (their embeddings are cached), unless
     ``train.offload_frozen`` moves them to the CPU; and ``prior.target: base``'s frozen copy."""
-    if s.cfg.train.offload_frozen:
-        return {"frozen copy of the denoiser (prior.target: base)": _bytes([s.reference.module])} \
-            if getattr(s.reference, "module", None) is not None else {}
-    trained = {id(m) for m in s.trainable.modules.values()}
-    parts = {name: m for name, m in s.model.components().items()
-             if isinstance(m, torch.nn.Module) and id(m) not in trained and m is not s.family.denoiser(s.model)}
+    from dreambooth.train import frozen_parts
+
+    parts = {} if s.cfg.train.offload_frozen else frozen_parts(s)
     out = {f"{name} (frozen)": _bytes([m]) for name, m in parts.items()}
     if getattr(s.reference, "module", None) is not None:  # prior.target base, full: a frozen copy
         out["frozen copy of the denoiser (prior.target: base)"] = _bytes([s.reference.module])
@@ -283,7 +280,7 @@ def fake_session(cfg):
     from dreambooth.batch import Source
     from dreambooth.family import family_of
     from dreambooth.models import configure
-    from dreambooth.train import Session
+    from dreambooth.train import Session, base_prediction, enable_checkpointing
     from dreambooth.trainable import make_optimizer, make_trainable
 
     model = configure(build_from_configs(cfg.model.path), cfg)
@@ -298,40 +295,21 @@ def fake_session(cfg):
     prompts = [f"a photo of {cfg.data.token} {cfg.data.class_noun or 'dog'}", f"a photo of a {cfg.data.class_noun or 'dog'}"]
     sources = [Source(latents, prompts[:1])] + ([Source(latents.clone(), prompts[1:])] if cfg.prior.enabled else [])
     trainable = make_trainable(model, cfg)
-    reference = _reference(cfg, model, family, prompts[1], dtype)
+    # fake tensors cannot be deep-copied: full fine-tuning's frozen copy is built again from the
+    # configs, in the dtype a GPU run keeps it in
+    def frozen_copy(_):
+        return getattr(build_from_configs(cfg.model.path), family.denoiser_name).to(dtype=dtype)
+
+    reference = (base_prediction(model, family, cfg, prompts[1], cfg.train.batch_size, torch.device("cpu"), dtype,
+                                 frozen_copy=frozen_copy)
+                 if cfg.prior.enabled and cfg.prior.target == "base" else None)
     if cfg.train.gradient_checkpointing:
-        for module in trainable.modules.values():
-            (module.enable_gradient_checkpointing if module is family.denoiser(model)
-             else module.gradient_checkpointing_enable)()
+        enable_checkpointing(trainable, family.denoiser(model))
     optimizer = make_optimizer(cfg, trainable, plan=True)
     sched = get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=0, num_training_steps=cfg.train.steps)
     trainable.wrapped = dict(trainable.modules)
     return Session(cfg, Path("."), _Accelerator(cfg.train.mixed_precision), model, family, trainable, optimizer,
                    sched, sources, sorted(set(p for src in sources for p in src.prompts)), "", model, reference)
-
-
-def _reference(cfg, model: BaseModel, family, class_prompt: str, dtype):
-    """``prior.target: base`` as ``train.base_prediction`` makes it, except that full fine-tuning's
-    frozen copy of the denoiser is built again from the configs (fake tensors cannot be deep-copied)."""
-    from dreambooth.train import base_prediction
-
-    if not (cfg.prior.enabled and cfg.prior.target == "base"):
-        return None
-    cpu = torch.device("cpu")
-    if cfg.train.mode == "lora":
-        return base_prediction(model, family, cfg, class_prompt, cfg.train.batch_size, cpu, dtype)
-    frozen = getattr(build_from_configs(cfg.model.path), family.denoiser_name).requires_grad_(False).eval()
-    frozen.to(dtype=dtype)
-    with torch.no_grad():
-        cond = family.encode_prompts(model, [class_prompt], cpu)
-    conds = cond
-    for _ in range(cfg.train.batch_size - 1):
-        conds = family.concat_cond(conds, cond)
-
-    def predict(noisy, timesteps):
-        return family.predict(frozen, noisy.to(frozen.dtype), timesteps, conds)
-    predict.module = frozen
-    return predict
 
 
 def predict(cfg) -> Estimate:

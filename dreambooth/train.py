@@ -146,9 +146,7 @@ def setup(cfg: Config | None, run_dir: Path, held: contextlib.ExitStack, *, resu
         project = class_prompt_projection(model, family, sources[1].latents, class_prompt, prior.null_space,
                                           prior.null_space_min_t, acc.device, progress and acc.is_main_process)
     if cfg.train.gradient_checkpointing:
-        for module in trainable.modules.values():
-            (module.enable_gradient_checkpointing if module is family.denoiser(model)
-             else module.gradient_checkpointing_enable)()
+        enable_checkpointing(trainable, family.denoiser(model))
 
     optimizer = make_optimizer(cfg, trainable)
     lr_scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=cfg.train.warmup_steps,
@@ -170,16 +168,27 @@ def setup(cfg: Config | None, run_dir: Path, held: contextlib.ExitStack, *, resu
     return session
 
 
+def enable_checkpointing(trainable: Trainable, denoiser: torch.nn.Module) -> None:
+    """Gradient checkpointing in every trained module (diffusers and transformers name it apart)."""
+    for module in trainable.modules.values():
+        (module.enable_gradient_checkpointing if module is denoiser else module.gradient_checkpointing_enable)()
+
+
+def frozen_parts(s: Session) -> dict[str, torch.nn.Module]:
+    """The modules a training step does not run: the VAE and the text encoders that do not train
+    (their latents and embeddings are cached). ``train.offload_frozen`` moves these."""
+    trained = {id(m) for m in s.trainable.modules.values()}
+    return {name: m for name, m in s.model.components().items() if isinstance(m, torch.nn.Module)
+            and id(m) not in trained and m is not s.family.denoiser(s.model)}
+
+
 def move_frozen(s: Session, device) -> None:
-    """``train.offload_frozen``: the VAE and the text encoders that do not train to ``device``
-    (the CPU during training; back for evaluation and the final samples)."""
+    """``train.offload_frozen``: the ``frozen_parts`` to ``device`` (the CPU during training; back
+    for evaluation and the final samples)."""
     if not s.cfg.train.offload_frozen:
         return
-    trained = {id(m) for m in s.trainable.modules.values()}
-    for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-        module = getattr(s.model, name)
-        if module is not None and id(module) not in trained:
-            module.to(device)
+    for module in frozen_parts(s).values():
+        module.to(device)
     if device.type == "cpu" and torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -274,12 +283,14 @@ def data_sources(cfg: Config, model: BaseModel, intake, acc, progress: bool) -> 
     return sources, class_prompt
 
 
-def base_prediction(model: BaseModel, family, cfg: Config, class_prompt: str, n: int, device, dtype):
+def base_prediction(model: BaseModel, family, cfg: Config, class_prompt: str, n: int, device, dtype,
+                    frozen_copy: Callable | None = None):
     """``f(noisy, timesteps)``: the frozen base model's prediction for ``n`` class images under the
     class prompt (``prior.target: base``). Call it before any weight changes. Full fine-tuning
-    keeps a frozen copy of the denoiser (half precision on GPU); LoRA runs the same one with its
-    adapters switched off, which costs no memory. The prompt is encoded now, by the base text
-    encoder, so text-encoder training does not move the target."""
+    keeps a frozen copy of the denoiser (half precision on GPU; ``frozen_copy(denoiser)`` makes it,
+    default a deep copy); LoRA runs the same one with its adapters switched off, which costs no
+    memory. The prompt is encoded now, by the base text encoder, so text-encoder training does not
+    move the target."""
     import copy
 
     with torch.no_grad():
@@ -296,7 +307,7 @@ def base_prediction(model: BaseModel, family, cfg: Config, class_prompt: str, n:
             finally:
                 denoiser.enable_adapters()
         return predict
-    frozen = place_frozen(copy.deepcopy(denoiser).requires_grad_(False).eval(), device, dtype)
+    frozen = place_frozen((frozen_copy or copy.deepcopy)(denoiser).requires_grad_(False).eval(), device, dtype)
 
     def predict(noisy, timesteps):
         return family.predict(frozen, noisy.to(frozen.dtype), timesteps, conds)
