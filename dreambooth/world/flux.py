@@ -152,22 +152,19 @@ def pretrain_flux(out: Path, cfg: FluxPretrainConfig) -> Path:
     model = architecture(cfg)
     pool: dict[str, torch.Tensor] = {}
 
-    def loss(step: int) -> torch.Tensor:
-        if not pool:
-            pool.update(flow_pool(model, cfg))
-        return flow_loss(model, pool, cfg, cfg.seed * 1_000_003 + step + 5 * 10**7)
-
-    def polish_loss(step: int) -> torch.Tensor:  # draws the first stage never made
-        if not pool:
-            pool.update(flow_pool(model, cfg))
-        return flow_loss(model, pool, cfg, cfg.seed * 1_000_003 + step + 7 * 10**7)
+    def losses(offset: int):  # each stage draws its own batches (offset) from the one pool
+        def loss(step: int) -> torch.Tensor:
+            if not pool:  # rendered on the first step: a finished stage needs none
+                pool.update(flow_pool(model, cfg))
+            return flow_loss(model, pool, cfg, cfg.seed * 1_000_003 + step + offset)
+        return loss
 
     def log(record):
         log_metrics(out / "metrics.jsonl", record)
 
-    base._stage("transformer", out, cfg, trained_modules(model), cfg.steps, cfg.lr, loss, log)
+    base._stage("transformer", out, cfg, trained_modules(model), cfg.steps, cfg.lr, losses(5 * 10**7), log)
     if cfg.polish_steps:
-        base._stage("polish", out, cfg, trained_modules(model), cfg.polish_steps, cfg.polish_lr, polish_loss, log)
+        base._stage("polish", out, cfg, trained_modules(model), cfg.polish_steps, cfg.polish_lr, losses(7 * 10**7), log)
     final = out / "model"
     if rank != 0:
         return final
