@@ -40,6 +40,20 @@ def require_run(run_dir: str | Path) -> Path:
     return run
 
 
+def check_new_run(out: str | Path | None) -> Path:
+    """``out`` as the Path of a run directory to create, or a DreamboothError: none given, a file,
+    or a folder that already holds a run (`dreambooth train --out` and the web UI's run name)."""
+    if not out:
+        raise DreamboothError("missing --out RUN_DIR: where the run directory should be created")
+    run_dir = Path(out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise DreamboothError(f"--out {run_dir} is a file; give a folder for the run directory")
+    if (run_dir / "config.yaml").exists():
+        raise DreamboothError(f"{run_dir} already holds a run; continue it with "
+                              f"`dreambooth train --resume {run_dir}` or choose another --out")
+    return run_dir
+
+
 class Run:
     """A run directory made by `dreambooth train`, as `sample`, `sweep`, `eval`, `report`,
     `export`, `demo` and `bench` open it: ``Run(path)`` refuses a folder that is not one.

@@ -81,17 +81,20 @@ class Session:
 
 
 def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
-          stop_after: int | None = None, trust_pickle: bool = False) -> TrainResult:
+          stop_after: int | None = None, trust_pickle: bool = False,
+          stop: Callable[[], bool] | None = None) -> TrainResult:
     """Fine-tune ``cfg.model.path`` on the photos in ``cfg.data.images``; write RUN_DIR.
 
     ``resume`` continues from the newest checkpoint in ``run_dir`` that verifies, with the run's
     own config.yaml. ``stop_after`` ends this invocation after that many steps, as if
-    interrupted. ``trust_pickle`` (this invocation's --trust-pickle, never a file's) allows a
-    pickle base model. One process writes a run directory at a time (``rundir.writer_lock``).
+    interrupted. ``stop``, asked after every step, ends it there with a checkpoint when it says
+    True (`dreambooth train` on SIGTERM, the web UI's Stop). ``trust_pickle`` (this invocation's
+    --trust-pickle, never a file's) allows a pickle base model. One process writes a run
+    directory at a time (``rundir.writer_lock``).
     """
     with contextlib.ExitStack() as held:
         session = setup(cfg, Path(run_dir), held, resume=resume, progress=progress, trust_pickle=trust_pickle)
-        return loop(session, stop_after, progress)
+        return loop(session, stop_after, progress, stop)
 
 
 # ------------------------------------------------------------------ setup
@@ -193,15 +196,21 @@ def move_frozen(s: Session, device) -> None:
         torch.cuda.empty_cache()
 
 
+def check_subject(cfg: Config) -> None:
+    """Refuse a config that names no photos or no class noun (train's first check; the web UI's
+    too, before anything is written)."""
+    if not cfg.data.images:
+        raise TrainingError("no photos given: pass --images DIR (a folder of 3-20 photos of the subject)")
+    if not cfg.data.class_noun:
+        raise TrainingError("no class noun given: pass --class NOUN (e.g. dog, backpack, mug)")
+
+
 def check_run(cfg: Config, model: BaseModel) -> Config:
     """Fill in what 'auto' left open (the identifier) and refuse, before any work, what this run
     cannot do with this model on this machine."""
     from dreambooth.identifier import check_token, pick_token
 
-    if not cfg.data.images:
-        raise TrainingError("no photos given: pass --images DIR (a folder of 3-20 photos of the subject)")
-    if not cfg.data.class_noun:
-        raise TrainingError("no class noun given: pass --class NOUN (e.g. dog, backpack, mug)")
+    check_subject(cfg)
     if cfg.data.token == "auto":
         cfg.data.token = pick_token(model.tokenizer)
     else:
@@ -418,10 +427,12 @@ def optimizer_step(s: Session) -> torch.Tensor:
 # ------------------------------------------------------------------ the loop
 
 
-def loop(s: Session, stop_after: int | None = None, progress: bool = True) -> TrainResult:
-    """Train from ``s.step`` to ``train.steps`` (or ``stop_after`` more steps): log every
-    ``train.log_every``, evaluate every ``eval.every`` (before that step's checkpoint, so an
-    evaluation cut short is redone on resume), checkpoint every ``train.checkpoint_every``."""
+def loop(s: Session, stop_after: int | None = None, progress: bool = True,
+         stop: Callable[[], bool] | None = None) -> TrainResult:
+    """Train from ``s.step`` to ``train.steps`` (or ``stop_after`` more steps, or until ``stop()``
+    says so): log every ``train.log_every``, evaluate every ``eval.every`` (before that step's
+    checkpoint, so an evaluation cut short is redone on resume), checkpoint every
+    ``train.checkpoint_every`` and where it ends early."""
     t, acc = s.cfg.train, s.acc
     end = t.steps if stop_after is None else min(t.steps, s.step + stop_after)
     bar = tqdm(total=t.steps, initial=s.step, disable=not (progress and acc.is_main_process),
@@ -443,6 +454,8 @@ def loop(s: Session, stop_after: int | None = None, progress: bool = True) -> Tr
         evaluating = s.cfg.eval.every > 0 and (s.step % s.cfg.eval.every == 0 or s.step == t.steps)
         if evaluating:
             stopped_early = evaluate_and_maybe_stop(s)
+        if stop is not None and s.step < end and stop():
+            end = s.step  # checkpointed below, as a stop_after would be
         if s.step % t.checkpoint_every == 0 or (s.step == end and s.step < t.steps) or (evaluating and s.step < t.steps):
             save_checkpoint(s)
         if stopped_early:

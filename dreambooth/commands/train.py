@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 from pathlib import Path
 
 
@@ -34,34 +37,54 @@ def train(
         resume: continue the run in this directory from its newest complete checkpoint
         trust_pickle: allow pickle weights (.ckpt/.pt/.bin) in --model for this command only (unpickling runs code: only for files you trust; never read from a config file)
         progress: show a progress bar
+
+    SIGTERM (`kill PID`, the web UI's Stop) ends the run after the current step with a checkpoint.
     """
     from dreambooth.config import build_config, load_config
     from dreambooth.errors import DreamboothError
     from dreambooth.plan import preflight
-    from dreambooth.rundir import require_run
-    from dreambooth.train import train as run_training
+    from dreambooth.rundir import check_new_run, require_run
 
     if resume:
         run_dir = require_run(resume)
         if any(v is not None for v in (images, class_noun, token, model, preset, config, overrides, out)):
             raise DreamboothError("--resume takes the run's own config.yaml; give no other settings "
                                   "(edit RUN_DIR/config.yaml to change one)")
+        cfg = None
         preflight(load_config(run_dir / "config.yaml"))  # on a GPU: refuse a run that cannot fit, before loading
-        result = run_training(None, run_dir, resume=True, progress=progress, trust_pickle=trust_pickle)
     else:
-        if not out:
-            raise DreamboothError("missing --out RUN_DIR: where the run directory should be created")
-        run_dir = Path(out)
-        if run_dir.exists() and not run_dir.is_dir():
-            raise DreamboothError(f"--out {run_dir} is a file; give a folder for the run directory")
-        if (run_dir / "config.yaml").exists():
-            raise DreamboothError(f"{run_dir} already holds a run; continue it with "
-                                  f"`dreambooth train --resume {run_dir}` or choose another --out")
+        run_dir = check_new_run(out)
         cfg = build_config(preset, config, overrides, extra={
             "data.images": images, "data.class_noun": class_noun, "data.token": token,
             "model.path": model})
         preflight(cfg)
-        result = run_training(cfg, run_dir, progress=progress, trust_pickle=trust_pickle)
+    return _run(cfg, run_dir, progress, trust_pickle)
+
+
+def _run(cfg, run_dir: Path, progress: bool, trust_pickle: bool) -> int:
+    from dreambooth.train import train as run_training
+
+    with stop_on_sigterm() as stop:
+        result = run_training(cfg, run_dir, resume=cfg is None, progress=progress, trust_pickle=trust_pickle,
+                              stop=stop)
+    if result.final is None and stop():
+        print(f"stopped at step {result.step} (SIGTERM), checkpoint written; continue with "
+              f"`dreambooth train --resume {run_dir}`")
+        return 0
     where = result.final or run_dir
     print(f"done: step {result.step}, loss {result.loss:.4f}. Run directory: {run_dir}  Weights: {where}")
     return 0
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """Within the block, SIGTERM is only noted: yields a function that says whether it came."""
+    seen = threading.Event()
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield seen.is_set
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.set())
+    try:
+        yield seen.is_set
+    finally:
+        signal.signal(signal.SIGTERM, previous)
