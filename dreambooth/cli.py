@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "sample": "dreambooth.commands.sample:sample",
     "sweep": "dreambooth.commands.sweep:sweep",
     "export": "dreambooth.commands.export:export",
+    "ui": "dreambooth.commands.ui:ui",
 }
 
 # Parameter names that cannot be spelled as the flag users expect.
