@@ -106,4 +106,7 @@ def make_optimizer(cfg, trainable: Trainable, plan: bool = False) -> torch.optim
         except ImportError:
             raise DreamboothError("train.optimizer=adamw8bit needs bitsandbytes: pip install bitsandbytes") from None
         return bnb.optim.AdamW8bit(groups, **kwargs)
-    return torch.optim.AdamW(groups, fused=torch.cuda.is_available() and not plan, **kwargs)
+    # fused (CPU and CUDA, planned steps too): one kernel for the update, no temporaries; on one
+    # CPU thread the tiny UNet's update takes 1.7 ms fused, 6-8 ms unfused (docs/performance.md)
+    devices = {p.device.type for g in groups for p in g["params"]}
+    return torch.optim.AdamW(groups, fused=devices <= {"cpu", "cuda"}, **kwargs)
