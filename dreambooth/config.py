@@ -211,6 +211,11 @@ class TrainConfig:
     # prompts' embeddings are cached (their memory is then free for training); evaluation and
     # the final samples bring them back
     offload_frozen: bool = False
+    # fsdp: split the denoiser's weights, gradients and optimizer state over the processes of
+    # `accelerate launch` (accelerate's FSDP 2, each transformer/ResNet block one unit), so a full
+    # fine-tune of a model no single GPU holds fits N GPUs (`dreambooth plan --gpus N`); none:
+    # every process holds all of it (DDP). Full mode, the denoiser alone, eval.every=0
+    shard: str = _choices("none", "fsdp", default="none")
     snr_gamma: float = _num(0.0, 0)  # min-SNR-gamma loss weighting (0: off; 5.0 is the usual value)
     noise_offset: float = _num(0.0, 0)
     seed: int = _num(0, 0, MAX_SEED)
@@ -566,7 +571,23 @@ def _check_combinations(cfg: Config) -> Config:
     if cfg.train.mode == "lora" and cfg.prior.null_space:
         raise ConfigError(f"prior.null_space={cfg.prior.null_space:g} holds the UNet's own weights while "
                           "the whole UNet trains: it needs train.mode=full (set prior.null_space=0 for LoRA)")
+    if cfg.train.shard == "fsdp":
+        _check_sharding(cfg)
     return cfg
+
+
+def _check_sharding(cfg: Config) -> None:
+    """``train.shard=fsdp`` shards one module, the denoiser, trained in full, and every process
+    runs each of its forward passes (an evaluation's samples on the main process alone cannot)."""
+    off = [f"{key}={value}" for key, value, fine in (
+        ("train.mode", cfg.train.mode, "full"), ("train.train_text_encoder", cfg.train.train_text_encoder, False),
+        ("train.train_token", cfg.train.train_token, False), ("eval.every", cfg.eval.every, 0),
+        ("prior.null_space", cfg.prior.null_space, 0)) if value != fine]
+    if off:
+        raise ConfigError(f"train.shard=fsdp shards the denoiser of a full fine-tune and trains it alone, "
+                          f"without evaluation during training; this config has {', '.join(off)}. Set "
+                          "train.mode=full, train.train_text_encoder=false, train.train_token=false, "
+                          "eval.every=0 (then `dreambooth eval RUN_DIR`) and prior.null_space=0, or train.shard=none")
 
 
 def _retired(key: str) -> tuple[str, str] | None:

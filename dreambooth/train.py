@@ -26,6 +26,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from dreambooth import checkpoint as ckpt
+from dreambooth import shard
 from dreambooth.base_model import FLOW_KINDS
 from dreambooth.batch import Source, draw_samples, instance_source
 from dreambooth.config import Config, load_config, save_config
@@ -117,7 +118,8 @@ def setup(cfg: Config | None, run_dir: Path, held: contextlib.ExitStack, *, resu
     # one's last layer gets no gradient: DDP must look for such parameters or it stops at step 2.
     ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.train.train_text_encoder else []
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available(),
-                      kwargs_handlers=ddp)
+                      kwargs_handlers=ddp, fsdp_plugin=shard.plugin(cfg))  # train.shard=fsdp: dreambooth.shard
+    shard.check(acc, cfg)
     if resume and acc.is_main_process:  # before the checkpoints and the log are read
         held.enter_context(writer_lock(run_dir))
     torch.manual_seed(cfg.train.seed)
@@ -161,6 +163,7 @@ def setup(cfg: Config | None, run_dir: Path, held: contextlib.ExitStack, *, resu
     prompts = sorted({p for s in sources for p in s.prompts})
     session = Session(cfg, run_dir, acc, model, family, trainable, optimizer, lr_scheduler, sources, prompts,
                       yaml.safe_dump(cfg.to_dict(), sort_keys=False), text_model, reference, project)
+    shard.announce(session)
     if resume:
         restore(session)
     if cfg.train.offload_frozen:
@@ -328,8 +331,7 @@ def restore(s: Session) -> None:
     """Continue from the newest checkpoint that verifies (none: the run starts again from step 0)."""
     state = ckpt.resume_checkpoint(s.run_dir)
     if state is not None:
-        s.trainable.load(state["weights"])
-        s.optimizer.load_state_dict(state["optimizer"])
+        shard.load_training_state(s, state["weights"], state["optimizer"])
         s.lr_scheduler.load_state_dict(state["lr_scheduler"])
         ckpt.set_rng_state(state["rng"])
         s.step, s.seconds = state["state"]["step"], state["state"].get("seconds", 0.0)
@@ -464,6 +466,7 @@ def loop(s: Session, stop_after: int | None = None, progress: bool = True,
     final, chosen = None, None
     if s.step >= t.steps or stopped_early:
         acc.wait_for_everyone()
+        shard.gather_denoiser(s)  # sharded: the main process's model gets the whole denoiser
         if acc.is_main_process:
             final, chosen = finish(s, stopped_early)
     return TrainResult(run_dir=s.run_dir, final=final, step=s.step, loss=s.loss, best=chosen)
@@ -496,13 +499,14 @@ def evaluate_and_maybe_stop(s: Session) -> bool:
 
 def save_checkpoint(s: Session) -> None:
     s.acc.wait_for_everyone()
+    weights, optimizer_state = shard.training_state(s)  # sharded: every process gathers its part
     if not s.acc.is_main_process:
         return
     t = s.cfg.train
     best = select_best(s.history, s.cfg.eval.prompt_floor)
     with disk_full_advice(s.run_dir):
         ckpt.save_checkpoint(
-            s.run_dir, s.step, weights=s.trainable.weights(), optimizer_state=s.optimizer.state_dict(),
+            s.run_dir, s.step, weights=weights, optimizer_state=optimizer_state,
             lr_scheduler_state=s.lr_scheduler.state_dict(),
             state={"data_position": s.step * t.grad_accum * s.acc.num_processes * t.batch_size,
                    "loss": s.loss, "seconds": s.seconds},
