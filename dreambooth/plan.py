@@ -340,6 +340,26 @@ def measure(session) -> Estimate:
     return step_peak(session)
 
 
+def on_gpus(estimate: Estimate, cfg, gpus: int) -> Estimate:
+    """``estimate`` on each of ``gpus`` GPUs (``dreambooth plan --gpus N``; ``train``'s preflight
+    with the launched processes). ``train.shard=fsdp``: the denoiser's weights, gradients and
+    optimizer state split N ways plus the blocks gathered at once (``shard.per_gpu``, over the
+    units FSDP makes of the denoiser built from its configs); ``none``: every GPU holds it all."""
+    settings = {**estimate.settings, "gpus": gpus}
+    if gpus <= 1 or cfg.train.shard != "fsdp":
+        return Estimate(estimate.peak, dict(estimate.parts), settings)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from dreambooth.family import family_of
+    from dreambooth.shard import per_gpu, unit_bytes
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = build_from_configs(cfg.model.path)
+        units = unit_bytes(family_of(model, cfg).denoiser(model))
+    parts = per_gpu(estimate.parts, units, gpus, 2 if cfg.train.mixed_precision in ("fp16", "bf16") else 4)
+    return Estimate(sum(parts.values()), parts, settings)
+
+
 # ---------------------------------------------------------------- fitting a budget
 
 
@@ -387,11 +407,12 @@ def switches(cfg) -> list[tuple[str, list[str]]]:
     return out
 
 
-def advise(cfg, budget: int, estimate: Estimate | None = None) -> list[tuple[str, list[str], Estimate]]:
+def advise(cfg, budget: int, estimate: Estimate | None = None, gpus: int = 1) -> list[tuple[str, list[str], Estimate]]:
     """Switches added one by one in ``switches`` order until the run fits ``budget``, each with the
     predicted peak once it and those before it are on. Empty when the run fits as it is; the last
-    row does not fit when nothing does. (A lower resolution replaces the one before it.)"""
-    estimate = estimate or predict(cfg)
+    row does not fit when nothing does. (A lower resolution replaces the one before it.) ``gpus``:
+    per GPU of that many (``on_gpus``)."""
+    estimate = estimate or on_gpus(predict(cfg), cfg, gpus)
     rows: list[tuple[str, list[str], Estimate]] = []
     current = cfg
     while not fits(estimate, budget):
@@ -400,7 +421,7 @@ def advise(cfg, budget: int, estimate: Estimate | None = None) -> list[tuple[str
             break
         why, items = options[0]
         current = _with(current, items)
-        estimate = _derived(estimate, items, current) or predict(current)
+        estimate = _derived(estimate, items, current) or on_gpus(predict(current), current, gpus)
         rows.append((why, items, estimate))
     return rows
 
@@ -433,7 +454,7 @@ def report(cfg, estimate: Estimate, budget: int | None, advice) -> str:
     lines = [f"model {cfg.model.path}, {cfg.train.mode} at {cfg.data.resolution} px, batch {cfg.train.batch_size}"
              f"{' + prior' if cfg.prior.enabled else ''}, {cfg.train.mixed_precision} precision, "
              f"optimizer {cfg.train.optimizer}, checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}",
-             "predicted peak GPU memory (tensors, one training step):"]
+             f"predicted peak GPU memory (tensors, one training step{_gpus_note(cfg, estimate)}):"]
     lines += [f"  {name:<52} {size / GiB:8.2f} GiB" for name, size in estimate.parts.items()]
     lines.append(f"  {'total':<52} {estimate.gib():8.2f} GiB  (+ {CUDA_OVERHEAD / GiB:.1f} GiB CUDA context)")
     if budget is None:
@@ -449,6 +470,15 @@ def report(cfg, estimate: Estimate, budget: int | None, advice) -> str:
     return "\n".join(lines)
 
 
+def _gpus_note(cfg, estimate: Estimate) -> str:
+    gpus = estimate.settings.get("gpus", 1)
+    if gpus <= 1:
+        return ""
+    if cfg.train.shard == "fsdp":
+        return f", on each of {gpus} GPUs, sharded by FSDP"
+    return f", on each of {gpus} GPUs: train.shard=none holds it all on each; train.shard=fsdp splits it"
+
+
 def preflight(cfg) -> None:
     """``train``'s check before it loads any weights: on a GPU (or with DREAMBOOTH_GPU_MEMORY=24GB
     set, a budget to plan against), refuse a run the plan says cannot fit, with the switches that
@@ -458,13 +488,14 @@ def preflight(cfg) -> None:
     budget = parse_budget(os.environ.get("DREAMBOOTH_GPU_MEMORY") or ("auto" if torch.cuda.is_available() else ""))
     if budget is None:
         return
+    gpus = int(os.environ.get("WORLD_SIZE", "1"))  # the processes launched: one GPU each
     try:
-        estimate = predict(cfg)
+        estimate = on_gpus(predict(cfg), cfg, gpus)
     except DreamboothError:
         raise
     except Exception as e:  # an operation fake tensors cannot run: train without the check
         print(f"note: the memory plan could not run ({type(e).__name__}: {str(e)[:200]}); training without it")
         return
     if not fits(estimate, budget):
-        raise DreamboothError("this run does not fit the GPU:\n" + report(cfg, estimate, budget, advise(cfg, budget, estimate))
+        raise DreamboothError("this run does not fit the GPU:\n" + report(cfg, estimate, budget, advise(cfg, budget, estimate, gpus))
                               + "\n(`dreambooth plan` with the same settings prints this again)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def plan(model: str | None = None, preset: str | None = None, config: str | None = None,
-         overrides: list[str] | None = None, gpu: str | None = None) -> int:
+         overrides: list[str] | None = None, gpu: str | None = None, gpus: int | None = None) -> int:
     """Predict a run's peak GPU memory and, when it does not fit, the switches that make it fit.
 
     One training step of the real-size model runs on fake tensors (nothing is allocated or read
@@ -17,13 +17,18 @@ def plan(model: str | None = None, preset: str | None = None, config: str | None
         config: a YAML config file (applied after the preset)
         overrides: key=value (repeatable), as for train
         gpu: the GPU's memory to plan against, e.g. 24GB; auto: this machine's GPU
+        gpus: the number of GPUs (one process each): the peak on each; with --set train.shard=fsdp the denoiser is split over them
     """
     from dreambooth.config import build_config
-    from dreambooth.plan import advise, fits, parse_budget, predict, report
+    from dreambooth.plan import advise, fits, on_gpus, parse_budget, predict, report
 
+    if gpus is not None and gpus < 1:
+        from dreambooth.errors import DreamboothError
+
+        raise DreamboothError(f"--gpus {gpus}: give the number of GPUs the run will use (1 or more)")
     cfg = build_config(preset, config, overrides, extra={"model.path": model})
     budget = parse_budget(gpu)
-    estimate = predict(cfg)
-    advice = advise(cfg, budget, estimate) if budget is not None else []
+    estimate = on_gpus(predict(cfg), cfg, gpus or 1)
+    advice = advise(cfg, budget, estimate, gpus or 1) if budget is not None else []
     print(report(cfg, estimate, budget, advice))
     return 0 if budget is None or fits(estimate, budget) or (advice and fits(advice[-1][2], budget)) else 1
