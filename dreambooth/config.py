@@ -211,6 +211,11 @@ class TrainConfig:
     # prompts' embeddings are cached (their memory is then free for training); evaluation and
     # the final samples bring them back
     offload_frozen: bool = False
+    # LoRA only: store the denoiser's frozen linear weights in fewer bits while the adapters train
+    # in full precision (dreambooth/quantize.py). int8: torchao (CPU or CUDA; the `quantize` extra);
+    # nf4: bitsandbytes' 4-bit NormalFloat, QLoRA's (CUDA). Training only: sample, eval and the
+    # exports put the LoRA on the full-precision base
+    quantize_base: str = _choices("none", "int8", "nf4", default="none")
     # fsdp: split the denoiser's weights, gradients and optimizer state over the processes of
     # `accelerate launch` (accelerate's FSDP 2, each transformer/ResNet block one unit), so a full
     # fine-tune of a model no single GPU holds fits N GPUs (`dreambooth plan --gpus N`); none:
@@ -568,6 +573,10 @@ def _check_combinations(cfg: Config) -> Config:
         raise ConfigError("train.train_token is for full fine-tuning: a LoRA final/ does not carry the "
                           "text encoder's embeddings. Use train.train_text_encoder (LoRA on the text "
                           "encoder) with train.mode=lora")
+    if cfg.train.quantize_base != "none" and cfg.train.mode != "lora":
+        raise ConfigError(f"train.quantize_base={cfg.train.quantize_base} stores the frozen base weights in "
+                          f"fewer bits, and a {cfg.train.mode} fine-tune trains them all: set train.mode=lora "
+                          "(the base stays frozen) or train.quantize_base=none")
     if cfg.train.mode == "lora" and cfg.prior.null_space:
         raise ConfigError(f"prior.null_space={cfg.prior.null_space:g} holds the UNet's own weights while "
                           "the whole UNet trains: it needs train.mode=full (set prior.null_space=0 for LoRA)")

@@ -9,7 +9,10 @@ table of layer sizes can go stale. The frozen parts the step does not touch (the
 encoders once their embeddings are cached) are added at their resident size, unless
 ``train.offload_frozen`` moves them to the CPU. 8-bit AdamW (bitsandbytes, CUDA only) is planned
 as AdamW with its state at 1 byte per value plus one float32 scale per 256 values, which is
-how bitsandbytes stores it.
+how bitsandbytes stores it. ``train.quantize_base=int8`` runs torchao's int8 layers in the planned
+step (they run on fake tensors; their stored bytes are the int8 data and scales); ``nf4`` cannot
+(bitsandbytes runs neither on fake tensors nor without CUDA), so it is planned as the unquantized
+step with each quantized weight counted at its stored bytes (``_planned_nf4``).
 
 What is counted is tensor memory, as ``torch.cuda.max_memory_allocated`` reports it; the CUDA
 context (0.3-0.5 GiB) and allocator fragmentation come on top (``CUDA_OVERHEAD``).
@@ -178,8 +181,23 @@ def _max_length(folder: Path, default: int) -> int:
 
 def _bytes(modules) -> int:
     """Bytes of the modules' parameters and buffers, each tensor once (tied weights are one)."""
-    seen = {id(t): t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()]}
+    seen = {id(s): s.nbytes() for m in modules for t in [*m.parameters(), *m.buffers()] for s in _storages(t)}
     return sum(seen.values())
+
+
+def _storages(t: torch.Tensor) -> list:
+    """The storages that hold a tensor's data: its own, or for a quantized weight those of the
+    tensors it keeps (torchao's ``Int8Tensor``: int8 data and scales; bitsandbytes' ``Params4bit``:
+    packed data, absmax and codes), whose own storage says nothing."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(t):
+        inner = [getattr(t, name) for name in t.__tensor_flatten__()[0]]
+        return [s for x in inner if isinstance(x, torch.Tensor) for s in _storages(x)]
+    state = getattr(t, "quant_state", None)
+    extra = [x for st in (state, getattr(state, "state2", None)) if st is not None
+             for x in vars(st).values() if isinstance(x, torch.Tensor)]
+    return [t.untyped_storage(), *(x.untyped_storage() for x in extra)]
 
 
 def resident_frozen(s) -> dict[str, int]:
@@ -220,22 +238,23 @@ class LiveBytes:
 
         for t in tree_leaves(tensors):
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                storage = t.untyped_storage()
-                if id(storage) not in self.live:
-                    self.live[id(storage)] = storage.nbytes()
-                    self.now += storage.nbytes()
-                    weakref.finalize(storage, self._free, id(storage))
+                for storage in _storages(t):
+                    if id(storage) not in self.live:
+                        self.live[id(storage)] = storage.nbytes()
+                        self.now += storage.nbytes()
+                        weakref.finalize(storage, self._free, id(storage))
         self.peak = max(self.peak, self.now)
 
     def _free(self, key) -> None:
         self.now -= self.live.pop(key, 0)
 
 
-def step_peak(s) -> Estimate:
+def step_peak(s, planned_nf4: bool = False) -> Estimate:
     """Peak tensor bytes of an optimizer step of session ``s`` (real or fake), in steady state: the
     optimizer's state is made first (an update with zero gradients), then the step is followed by
     ``LiveBytes`` from the weights, state and caches alive before it. The frozen modules the step
-    does not touch are added at their resident size (``resident_frozen``)."""
+    does not touch are added at their resident size (``resident_frozen``). ``planned_nf4``: the
+    session's base is not quantized and stands in for ``train.quantize_base=nf4``'s."""
     from dreambooth.train import conditioning, optimizer_step
 
     if not s.trainable.trains_text():
@@ -257,8 +276,25 @@ def step_peak(s) -> Estimate:
              "activations and temporaries": tracker.peak - before - trained}
     if s.cfg.train.optimizer == "adamw8bit":  # planned as AdamW: 8 bytes a value, bitsandbytes keeps ~2
         parts["optimizer state"] = int(optimizer * 2 * BNB_BYTES / 8)
+    if planned_nf4:
+        _planned_nf4(s, parts)
     parts.update(resident_frozen(s))
     return Estimate(sum(parts.values()), parts, settings=settings_of(s.cfg))
+
+
+def _planned_nf4(s, parts: dict[str, int]) -> None:
+    """``train.quantize_base=nf4`` without bitsandbytes' layers, which run neither on fake tensors
+    nor without CUDA: computed from the linear layers' shapes, as 8-bit AdamW's state is
+    (``BNB_BYTES``). Each weight ``quantize_base`` would convert counts at its stored bytes
+    (``quantize.stored_bytes``) instead of its planned dtype's; and one layer's weight at the compute
+    dtype, the largest, joins the temporaries: bitsandbytes dequantizes a layer's weight for each
+    forward and backward call and frees it after."""
+    from dreambooth.quantize import frozen_linears, stored_bytes
+
+    weights = [m.weight for m in frozen_linears(s.family.denoiser(s.model)).values()]
+    full = [w.numel() * w.element_size() for w in weights]
+    parts["weights"] -= sum(full) - sum(stored_bytes(*w.shape, "nf4", w.element_size()) for w in weights)
+    parts["activations and temporaries"] += max(full, default=0)
 
 
 def settings_of(cfg) -> dict[str, object]:
@@ -268,6 +304,7 @@ def settings_of(cfg) -> dict[str, object]:
            "batch_size": t.batch_size, "prior": cfg.prior.enabled, "train_text_encoder": t.train_text_encoder}
     if t.mode == "lora":
         out["lora_rank"] = cfg.lora.rank
+        out["quantize_base"] = t.quantize_base
     return out
 
 
@@ -280,6 +317,7 @@ def fake_session(cfg):
     from dreambooth.batch import Source
     from dreambooth.family import family_of
     from dreambooth.models import configure
+    from dreambooth.quantize import check_available, quantize_base
     from dreambooth.train import Session, base_prediction, enable_checkpointing
     from dreambooth.trainable import make_optimizer, make_trainable
 
@@ -294,6 +332,9 @@ def fake_session(cfg):
     latents = torch.zeros(1, model.vae.config.latent_channels, side, side)
     prompts = [f"a photo of {cfg.data.token} {cfg.data.class_noun or 'dog'}", f"a photo of a {cfg.data.class_noun or 'dog'}"]
     sources = [Source(latents, prompts[:1])] + ([Source(latents.clone(), prompts[1:])] if cfg.prior.enabled else [])
+    if cfg.train.mode == "lora" and cfg.train.quantize_base == "int8":  # as train.setup (nf4: _planned_nf4)
+        check_available("int8", cuda=True)
+        quantize_base(family.denoiser(model), "int8")
     trainable = make_trainable(model, cfg)
     # fake tensors cannot be deep-copied: full fine-tuning's frozen copy is built again from the
     # configs, in the dtype a GPU run keeps it in
@@ -332,7 +373,7 @@ def predict(cfg) -> Estimate:
     with mode:
         session = fake_session(cfg)
         mode.cache_enabled, memo.tensor_memo = True, weak_memo
-        return step_peak(session)
+        return step_peak(session, planned_nf4=cfg.train.mode == "lora" and cfg.train.quantize_base == "nf4")
 
 
 def measure(session) -> Estimate:
@@ -399,6 +440,9 @@ def switches(cfg) -> list[tuple[str, list[str]]]:
         out.append(("8-bit AdamW state (bitsandbytes, CUDA)", ["train.optimizer=adamw8bit"]))
     if not t.offload_frozen:
         out.append(("VAE and frozen text encoders to the CPU once cached", ["train.offload_frozen=true"]))
+    if t.mode == "lora" and t.quantize_base != "nf4":
+        out.append(("quantized frozen base: its linear weights in 4 bits (NF4, bitsandbytes, CUDA)",
+                    ["train.quantize_base=nf4"]))
     for side in (768, 512, 384, 256):
         if side < cfg.data.resolution:
             out.append((f"train at {side} px", [f"data.resolution={side}"]))
@@ -453,7 +497,8 @@ def report(cfg, estimate: Estimate, budget: int | None, advice) -> str:
     """The plan as text: the peak by part, whether it fits, and the switches that make it fit."""
     lines = [f"model {cfg.model.path}, {cfg.train.mode} at {cfg.data.resolution} px, batch {cfg.train.batch_size}"
              f"{' + prior' if cfg.prior.enabled else ''}, {cfg.train.mixed_precision} precision, "
-             f"optimizer {cfg.train.optimizer}, checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}",
+             f"optimizer {cfg.train.optimizer}, checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}"
+             f"{f', frozen base in {cfg.train.quantize_base}' if cfg.train.quantize_base != 'none' else ''}",
              f"predicted peak GPU memory (tensors, one training step{_gpus_note(cfg, estimate)}):"]
     lines += [f"  {name:<52} {size / GiB:8.2f} GiB" for name, size in estimate.parts.items()]
     lines.append(f"  {'total':<52} {estimate.gib():8.2f} GiB  (+ {CUDA_OVERHEAD / GiB:.1f} GiB CUDA context)")

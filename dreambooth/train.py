@@ -36,6 +36,7 @@ from dreambooth.files import DiskFullError, atomic_dir, checksums
 from dreambooth.loss import dreambooth_loss
 from dreambooth.models import BaseModel, load_configured
 from dreambooth.prompts import fill_prompt
+from dreambooth.quantize import check_available, quantize_base
 from dreambooth.rundir import refuse_inside_photos, writer_lock
 from dreambooth.runlog import log_metrics, trim_metrics
 from dreambooth.selection import select_best, should_stop
@@ -140,6 +141,7 @@ def setup(cfg: Config | None, run_dir: Path, held: contextlib.ExitStack, *, resu
     sources, class_prompt = data_sources(cfg, model, intake, acc, progress)
     if cfg.train.mode == "lora":  # the base weights are frozen: half precision on GPU (LoRA stays fp32)
         place_frozen(family.denoiser(model), acc.device, frozen_dtype)
+        quantize_base(family.denoiser(model), cfg.train.quantize_base)  # train.quantize_base, before the adapters
     trainable = make_trainable(model, cfg)
     prior = cfg.prior
     reference = (base_prediction(model, family, cfg, class_prompt, cfg.train.batch_size, acc.device, frozen_dtype)
@@ -246,6 +248,7 @@ def check_run(cfg: Config, model: BaseModel) -> Config:
     if cfg.train.optimizer == "adamw8bit" and not torch.cuda.is_available():
         raise TrainingError("train.optimizer=adamw8bit needs a CUDA GPU (bitsandbytes); "
                             "use train.optimizer=adamw on CPU")
+    check_available(cfg.train.quantize_base, torch.cuda.is_available())
     return cfg
 
 

@@ -13,6 +13,7 @@ from tests.painting import paint_subject
 CASES = [  # (preset, --set items): every family, full and LoRA, and the switches that change memory
     ("tiny", []),
     ("tiny", ["train.mode=lora"]),
+    ("tiny", ["train.mode=lora", "train.quantize_base=int8"]),  # torchao's int8 layers (the test extra)
     ("tiny", ["data.resolution=128", "train.batch_size=4"]),  # activations dominate
     ("tiny", ["data.resolution=128", "train.batch_size=4", "train.gradient_checkpointing=true"]),
     ("tiny", ["train.train_text_encoder=true"]),
@@ -21,6 +22,7 @@ CASES = [  # (preset, --set items): every family, full and LoRA, and the switche
     ("tiny", ["model.path=tiny-sd2"]),
     ("tiny-flux1", []),
     ("tiny-flux1", ["train.mode=full", "data.resolution=128"]),
+    ("tiny-flux1", ["train.quantize_base=int8", "data.resolution=128"]),
     ("tiny-sd3", []),
     ("tiny-sd3", ["train.mode=full", "train.offload_frozen=true"]),
 ]
