@@ -22,6 +22,12 @@ ROWS = [  # (what, architecture, preset, --set items)
      ["train.offload_frozen=true"]),
     ("FLUX.1 [dev] LoRA, 1024 px, bf16 base, checkpointing, T5/CLIP/VAE offloaded", "flux1-dev", "flux1-dev-lora",
      ["train.offload_frozen=true", "data.resolution=1024"]),
+    ("FLUX.1 [dev] LoRA, 512 px, int8 base, checkpointing, T5/CLIP/VAE offloaded", "flux1-dev", "flux1-dev-lora",
+     ["train.offload_frozen=true", "train.quantize_base=int8"]),
+    ("FLUX.1 [dev] LoRA, 512 px, NF4 base, checkpointing, T5/CLIP/VAE offloaded", "flux1-dev", "flux1-dev-lora",
+     ["train.offload_frozen=true", "train.quantize_base=nf4"]),
+    ("FLUX.1 [dev] LoRA, 1024 px, NF4 base, checkpointing, T5/CLIP/VAE offloaded", "flux1-dev", "flux1-dev-lora",
+     ["train.offload_frozen=true", "train.quantize_base=nf4", "data.resolution=1024"]),
     ("SD 3.5 medium LoRA, 1024 px (preset), frozen parts offloaded", "sd35-medium", "sd35-lora",
      ["train.offload_frozen=true"]),
 ]

@@ -19,7 +19,8 @@ weights, as QLoRA's adapters are merged.
 
 The int8 layers run through ``FrozenInt8Linear``: the backward pass dequantizes the int8 weight
 again instead of keeping the forward pass's full-precision copy alive until then (a plain
-``F.linear`` on torchao's weight saves it, which would cost every layer's full weights).
+``F.linear`` on torchao's weight saves it, which would cost every layer's full weights), and
+under autocast they compute in the autocast dtype, as the layers they replace do.
 
 ``stored_bytes`` is the resident size of a quantized layer, for ``dreambooth.plan``.
 """
@@ -33,7 +34,6 @@ import torch
 
 from dreambooth.errors import DreamboothError
 
-MODES = ("none", "int8", "nf4")
 NF4_BLOCK = 64  # weights per absmax (bitsandbytes' default blocksize for 4-bit)
 NF4_NESTED_BLOCK = 256  # absmax values per float32 scale in the second (double) quantization
 
@@ -102,9 +102,14 @@ class FrozenInt8Linear(torch.autograd.Function):
 
 
 class Int8Linear(torch.nn.Linear):
-    """An ``nn.Linear`` whose frozen weight is a torchao ``Int8Tensor`` (``FrozenInt8Linear``)."""
+    """An ``nn.Linear`` whose frozen weight is a torchao ``Int8Tensor`` (``FrozenInt8Linear``).
+    Under autocast its input is cast to the autocast dtype first, as ``F.linear``'s would be:
+    torchao computes in the input's dtype, so a float32 input would give float32 outputs and
+    twice the activation memory of the unquantized layer's."""
 
     def forward(self, x):
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         return FrozenInt8Linear.apply(x, self.weight, self.bias)
 
 

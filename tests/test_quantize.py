@@ -195,6 +195,26 @@ def test_the_plan_counts_the_stored_bytes(photos, tmp_path):
     assert nf4.settings["quantize_base"] == "nf4"
 
 
+def test_int8_layers_compute_in_the_autocast_dtype(photos):
+    """Under bf16 autocast (a GPU run, as the plan plans it) an int8 layer takes and gives bf16, as
+    the layer it replaces does (torchao computes in its input's dtype: a float32 input would double
+    every activation after it); so the planned step's activations are the unquantized step's."""
+    from dreambooth.quantize import quantize_base
+
+    layer = torch.nn.Sequential(torch.nn.Linear(16, 8)).to(torch.bfloat16)
+    quantize_base(layer, "int8")
+    x = torch.randn(2, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.float32
+    items = ["train.mixed_precision=bf16", "data.resolution=128"]
+    none = plan.predict(make_cfg(photos, *items, preset="tiny-flux1"))
+    int8 = plan.predict(make_cfg(photos, *items, "train.quantize_base=int8", preset="tiny-flux1"))
+    assert int8.parts["activations and temporaries"] <= none.parts["activations and temporaries"]
+    assert int8.parts["weights"] < 0.6 * none.parts["weights"]
+
+
 def test_advice_offers_the_quantized_base_after_offloading_and_before_a_lower_resolution(photos):
     names = [items[0].split("=")[0] for _, items in plan.switches(make_cfg(photos, "data.resolution=512", "lora.rank=8"))]
     assert names.index("train.offload_frozen") < names.index("train.quantize_base") < names.index("data.resolution")
