@@ -332,10 +332,10 @@ def fake_session(cfg):
     latents = torch.zeros(1, model.vae.config.latent_channels, side, side)
     prompts = [f"a photo of {cfg.data.token} {cfg.data.class_noun or 'dog'}", f"a photo of a {cfg.data.class_noun or 'dog'}"]
     sources = [Source(latents, prompts[:1])] + ([Source(latents.clone(), prompts[1:])] if cfg.prior.enabled else [])
-    if cfg.train.mode == "lora" and cfg.train.quantize_base == "int8":  # as train.setup (nf4: _planned_nf4)
+    trainable = make_trainable(model, cfg)
+    if cfg.train.quantize_base == "int8":  # as train.setup does (nf4: _planned_nf4)
         check_available("int8", cuda=True)
         quantize_base(family.denoiser(model), "int8")
-    trainable = make_trainable(model, cfg)
     # fake tensors cannot be deep-copied: full fine-tuning's frozen copy is built again from the
     # configs, in the dtype a GPU run keeps it in
     def frozen_copy(_):

@@ -8,11 +8,10 @@ bits while the adapters train beside them in full precision (QLoRA, Dettmers et 
     nf4    bitsandbytes' 4-bit NormalFloat with double quantization (``Linear4bit``): half a byte
            per weight, one 8-bit absmax per 64 weights, one float32 per 256 of those. CUDA only.
 
-``quantize_base`` converts every ``nn.Linear`` of the denoiser in place, before the LoRA adapters
-are attached: peft then wraps the quantized layers under the same names (its ``TorchaoLoraLinear``
-around an int8 layer, its plain LoRA ``Linear`` around a ``Linear4bit``), so checkpoints and LoRA
-exports hold the same keys as without it.
-Convolutions, norms and embeddings stay as they are. Only training quantizes: ``sample``,
+``quantize_base`` converts every frozen ``nn.Linear`` of the denoiser in place, once the LoRA
+adapters are attached: the layers peft wrapped (their ``base_layer``) and the others, never the
+adapters. Their names do not change, so checkpoints and LoRA exports hold the same keys as without
+it. Convolutions, norms and embeddings stay as they are. Only training quantizes: ``sample``,
 ``eval`` and every export read the base model again at full precision and put the LoRA on it, so
 a fused export (``--format merged``/``diffusers``/``single-file``) merges into the original
 weights, as QLoRA's adapters are merged.
@@ -28,7 +27,6 @@ under autocast they compute in the autocast dtype, as the layers they replace do
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 
@@ -61,26 +59,26 @@ def _has(package: str) -> bool:
 
 
 def frozen_linears(module: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-    """The layers ``quantize_base`` converts: every plain ``nn.Linear``, by its path (not peft's
-    adapters, which are linear layers too)."""
+    """The layers ``quantize_base`` converts: every frozen plain ``nn.Linear``, by its path (not
+    peft's adapters, which are linear layers too)."""
     return {name: m for name, m in module.named_modules()
-            if type(m) is torch.nn.Linear and "lora_" not in name}
+            if type(m) is torch.nn.Linear and "lora_" not in name and not m.weight.requires_grad}
 
 
 def quantize_base(module: torch.nn.Module, mode: str) -> int:
-    """Store ``module``'s linear weights as ``mode`` (see the module doc), in place, where they
-    are (device and dtype as placed); returns how many layers were converted. "none": nothing."""
+    """Store ``module``'s frozen linear weights as ``mode`` (see the module doc), in place, where
+    they are (device and dtype as placed); returns how many layers were converted. "none": nothing.
+    DDP is told to leave the converted weights alone (it would broadcast every parameter at the
+    start, which a quantized tensor does not support; each process converts the same weights)."""
     if mode == "none":
         return 0
     layers = frozen_linears(module)
     for name, layer in layers.items():
-        layer.requires_grad_(False)
         new = _int8(layer) if mode == "int8" else _nf4(layer)
         if new is not layer:
             module.set_submodule(name, new)
-    if mode == "int8":  # peft's note on its torchao LoRA layer concerns merging them, which only
-        # the exports do, on a base model read again at full precision (see the module doc)
-        warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
+    ignored = getattr(module, "_ddp_params_and_buffers_to_ignore", [])
+    module._ddp_params_and_buffers_to_ignore = [*ignored, *(f"{name}.weight" for name in layers)]
     return len(layers)
 
 

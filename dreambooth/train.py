@@ -141,8 +141,8 @@ def setup(cfg: Config | None, run_dir: Path, held: contextlib.ExitStack, *, resu
     sources, class_prompt = data_sources(cfg, model, intake, acc, progress)
     if cfg.train.mode == "lora":  # the base weights are frozen: half precision on GPU (LoRA stays fp32)
         place_frozen(family.denoiser(model), acc.device, frozen_dtype)
-        quantize_base(family.denoiser(model), cfg.train.quantize_base)  # train.quantize_base, before the adapters
     trainable = make_trainable(model, cfg)
+    quantize_base(family.denoiser(model), cfg.train.quantize_base)  # LoRA: its frozen linear weights in fewer bits
     prior = cfg.prior
     reference = (base_prediction(model, family, cfg, class_prompt, cfg.train.batch_size, acc.device, frozen_dtype)
                  if prior.enabled and prior.target == "base" else None)  # before any weight changes

@@ -201,8 +201,8 @@ def test_int8_layers_compute_in_the_autocast_dtype(photos):
     every activation after it); so the planned step's activations are the unquantized step's."""
     from dreambooth.quantize import quantize_base
 
-    layer = torch.nn.Sequential(torch.nn.Linear(16, 8)).to(torch.bfloat16)
-    quantize_base(layer, "int8")
+    layer = torch.nn.Sequential(torch.nn.Linear(16, 8)).to(torch.bfloat16).requires_grad_(False)
+    assert quantize_base(layer, "int8") == 1
     x = torch.randn(2, 16, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
@@ -242,3 +242,19 @@ def test_nf4_stores_4_bit_weights_and_the_plan_counts_them(photos, tmp_path, mon
     assert plan.measure(s).parts["weights"] == plan.predict(cfg).parts["weights"]
     result = train(cfg, tmp_path / "run", progress=False)
     assert result.final.is_dir() and all(torch.isfinite(torch.tensor(losses(tmp_path / "run"))))
+
+
+def test_two_processes_train_an_int8_base_like_one(photos, tmp_path, monkeypatch):
+    """DDP over a quantized base (accelerate launch, two gloo CPU processes of batch 1): DDP leaves
+    the int8 weights alone (it cannot broadcast them; each process converts the same ones) and the
+    LoRA weights equal one process's at batch 2, as for any run (tests/test_distributed.py)."""
+    from test_distributed import SETS, WEIGHT_TOL, final_weights, launch_two_processes
+
+    sets = [f"data.images={photos}", "train.mode=lora", "train.quantize_base=int8", *SETS]
+    monkeypatch.setenv("DREAMBOOTH_CACHE", str(tmp_path / "cache"))
+    train(build_config("tiny", overrides=[*sets, "train.batch_size=2"]), tmp_path / "one", progress=False)
+    launch_two_processes(tmp_path / "two", [*sets, "train.batch_size=1"], tmp_path / "cache", tmp_path / "hf")
+    one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    assert one.keys() == two.keys() and all("lora" in k for k in one)
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < WEIGHT_TOL
+    assert max(w.abs().max().item() for k, w in two.items() if "lora_B" in k) > 1000 * WEIGHT_TOL
