@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,9 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 WEB_LIBRARIES = ("starlette", "uvicorn", "multipart", "python_multipart", "fastapi", "gradio")
-STEPS = 120  # enough that a reload lands mid-run; the tiny LoRA does them in seconds
+STEPS = 60  # enough that a reload lands mid-run; the tiny LoRA does them in seconds
+# The smallest sweep: one setting (its held-out check draws it against the run's defaults).
+SWEEP = "sweep.guidance=[3] sweep.steps=[2] sweep.scheduler=[ddim] sweep.lora_scale=[1] sweep.num_images=1"
 
 
 def test_no_module_outside_the_ui_package_imports_the_web_library():
@@ -44,6 +47,13 @@ def test_no_module_outside_the_ui_package_imports_the_web_library():
 
 
 # ------------------------------------------------------------------ fixtures
+
+
+ROW_MATCHES_PAGE = """(() => {
+  const row = document.querySelector("#runs-list tr[data-run='toy-run'] .run-step");
+  const p = document.querySelector('#run-progress');
+  return row && row.textContent === `${p.value}/${p.max}`;
+})()"""
 
 
 def free_port() -> int:
@@ -72,7 +82,7 @@ def server(tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         with contextlib.suppress(OSError):
-            urllib.request.urlopen(url + "/api/options", timeout=5)
+            urllib.request.urlopen(url + "/api/runs", timeout=5)
             break
         assert proc.poll() is None, (tmp / "server.log").read_text()
         time.sleep(0.1)
@@ -138,7 +148,8 @@ def fill_form(page, photos: list[Path] | Path, run: str, class_noun: str = "toy"
     page.wait_for_selector("[data-key='train.mode']")
     for key, value in {"train.mode": "lora", "train.steps": str(STEPS), "prior.num_images": "2",
                        "eval.every": str(STEPS), "eval.dino": "tiny", "eval.clip": "tiny",
-                       "eval.num_images": "1", "train.checkpoint_every": "100"}.items():
+                       "eval.num_images": "1", "eval.steps": "4", "eval.class_images": "1",
+                       "train.checkpoint_every": "50"}.items():
         set_setting(page, key, value)
     page.click("#advanced summary")
     page.fill("#run", run)
@@ -149,20 +160,22 @@ def fill_form(page, photos: list[Path] | Path, run: str, class_noun: str = "toy"
 
 def test_photos_to_trained_subject_in_the_browser(page, server, artifacts, tmp_path):
     shot = lambda name: page.screenshot(path=str(artifacts / name), full_page=True)  # noqa: E731
+    base = ThreadPoolExecutor(1).submit(base_pipeline, tmp_path / "base")  # for the download's check, meanwhile
     photos = paint_subject(tmp_path / "photos", count=5)
     fill_form(page, photos, "toy-run")
     assert page.locator(".intake-row").count() == 5
     assert page.locator("#intake img").first.get_attribute("src").startswith("data:image/png")
-    assert page.locator("#token").input_value()  # the picker's top suggestion
-    page.wait_for_function("document.querySelector('#plan').textContent.includes('predicted peak')")
+    page.wait_for_function("document.querySelector('#token').value !== ''")  # the picker's top suggestion
     shot("1-intake-and-form.png")
 
-    page.click("#start")
+    page.click("#start")  # the plan (the first one imports for seconds) need not end first
     page.wait_for_function("location.hash === '#run=toy-run'")
     page.wait_for_function("document.querySelector('#run-progress').value > 0", timeout=120_000)
+    page.wait_for_function(ROW_MATCHES_PAGE)  # the runs list shows the step the run's page shows
     shot("2-training.png")
     if os.environ.get("DREAMBOOTH_UPDATE_DOCS") == "1":
         shutil.copy(artifacts / "2-training.png", ROOT / "docs" / "ui.png")
+    page.wait_for_function("document.querySelector('#plan').textContent.includes('predicted peak')")
 
     page.reload()  # the page keeps nothing: the run comes back from the server
     page.wait_for_function("document.querySelector('#run-name').textContent === 'toy-run'")
@@ -173,14 +186,33 @@ def test_photos_to_trained_subject_in_the_browser(page, server, artifacts, tmp_p
     page.wait_for_function("document.querySelector('#run-status').textContent === 'done'", timeout=240_000)
     page.wait_for_function("document.querySelector('#run-progress').value === %d" % STEPS)
     assert page.locator("#run-progress-text").inner_text() == f"step {STEPS} / {STEPS}"
+    row = page.locator("#runs-list tr[data-run='toy-run']")
+    assert row.locator(".run-step").inner_text() == f"{STEPS}/{STEPS}"
+    assert row.locator(".run-status").inner_text() == "done"
     page.wait_for_selector(f"#grids .grid-item[data-step='{STEPS}'] img")
     assert (server["runs"] / "toy-run" / "samples" / f"step-{STEPS:06d}" / "grid.png").is_file()
     assert "step" in page.locator("#best").inner_text()
     shot("4-done.png")
 
+    # Sample, sweep and export, queued at once: the queue runs them one after another.
     page.fill("#sample-prompts", "a photo of my toy on the beach\na {token} {class} in the snow")
     page.fill("#sample-n", "1")
     page.click("#sample-btn")
+    page.fill("#sweep-dino", "tiny")
+    page.fill("#sweep-clip", "tiny")
+    page.fill("#sweep-set", SWEEP)
+    page.click("#sweep-btn")
+    page.select_option("#export-format", "lora-diffusers")
+    page.click("#export-btn")
+    with page.context.expect_page() as opened:  # the report, rebuilt on request, in a new tab
+        page.click("#report-link")
+    report = opened.value
+    report.wait_for_load_state()
+    assert report.url.endswith("/files/toy-run/report.html")
+    assert report.locator("h1").inner_text() == "DreamBooth run: toy-run"
+    assert "step" in report.locator("#chosen").inner_text()
+    report.close()
+
     page.wait_for_selector("#samples .sample img", timeout=120_000)
     drawn = sorted((server["runs"] / "toy-run" / "samples" / "sample-1").glob("p*.png"))
     assert len(drawn) == 2
@@ -191,8 +223,12 @@ def test_photos_to_trained_subject_in_the_browser(page, server, artifacts, tmp_p
     assert prompts == {f"a photo of {token} toy on the beach", f"a {token} toy in the snow"}
     shot("5-samples.png")
 
-    page.select_option("#export-format", "lora-diffusers")
-    page.click("#export-btn")
+    page.wait_for_selector("#sweep-out pre", timeout=120_000)
+    table = page.locator("#sweep-out pre").inner_text()
+    assert "ddim" in table
+    assert table.strip() == (server["runs"] / "toy-run" / "sweep" / "results.md").read_text().strip()
+    assert page.locator("#sweep-out img").count() == 1
+
     link = page.locator("#exports a.download", has_text="pytorch_lora_weights.safetensors")
     link.wait_for(timeout=120_000)
     with page.expect_download() as download:
@@ -200,20 +236,25 @@ def test_photos_to_trained_subject_in_the_browser(page, server, artifacts, tmp_p
     got = tmp_path / "download" / "pytorch_lora_weights.safetensors"
     download.value.save_as(got)
     shot("6-exported.png")
-    check_lora_loads(got, tmp_path / "base")
+    check_lora_loads(got, base.result())
 
 
-def check_lora_loads(file: Path, base: Path) -> None:
-    """The downloaded file loads with diffusers' own load_lora_weights into the base pipeline,
-    and its weights are the ones the UNet now holds."""
-    import torch
+def base_pipeline(folder: Path):
+    """The tiny base model as diffusers loads it from a folder."""
     from diffusers import StableDiffusionPipeline
-    from safetensors.torch import load_file
 
     from dreambooth.models import build_tiny
 
-    build_tiny().save(base)
-    pipe = StableDiffusionPipeline.from_pretrained(base, local_files_only=True)
+    build_tiny().save(folder)
+    return StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+
+
+def check_lora_loads(file: Path, pipe) -> None:
+    """The downloaded file loads with diffusers' own load_lora_weights into the base pipeline,
+    and its weights are the ones the UNet now holds."""
+    import torch
+    from safetensors.torch import load_file
+
     pipe.load_lora_weights(str(file.parent))
     saved = load_file(file)
     assert saved and pipe.get_list_adapters()
@@ -264,6 +305,10 @@ def test_bad_input_shows_the_cli_message_beside_the_field_and_writes_nothing(pag
         "train", "--images", str(tmp_path / "good"), "--preset", "tiny", "--out", str(tmp_path / "cli-run"))
     assert page.locator("#err-preset").inner_text() == ""
     shot("missing-class.png")
+
+    page.goto(page.url.split("#")[0] + "#runs")  # Compare with fewer than two runs ticked
+    page.click("#compare")
+    assert page.locator("#err-compare").inner_text() == "tick two runs to compare them"
 
     assert not (runs / "should-not-exist").exists() and not (tmp_path / "cli-run").exists()
     after = {p for p in runs.rglob("*")} - {p for p in runs.rglob("*") if p.suffix == ".log"}

@@ -5,6 +5,7 @@ the field that caused it. No web library here: the server turns these into JSON.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -89,19 +90,60 @@ def intake_table(folder: str | Path, resolution: int = 512) -> dict:
 # ------------------------------------------------------------------ identifier, models, presets
 
 
-@functools.lru_cache(maxsize=1)
-def token_suggestions(count: int = 8) -> list[dict]:
-    """`dreambooth tokens`' ranked picks for the CLIP vocabulary."""
-    from dreambooth.identifier import top_candidates
+@functools.lru_cache(maxsize=16)
+def model_tokenizer(model: str = ""):
+    """The tokenizer `train` reads the identifier with for base model ``model`` (a folder's
+    ``tokenizer/``, read without its weights), or None for CLIP's own vocabulary: the tiny models
+    and single ``.safetensors`` files build theirs from it, and so does "no model chosen yet"."""
+    from dreambooth.base_model import TINY_NAMES
+    from dreambooth.models import WORLD_MODELS, read_part
 
-    return [{"token": c.token, "reason": c.reason, "rank": c.rank} for c in top_candidates(None, count=count)]
+    if not model or model in TINY_NAMES:
+        return None
+    folder = WORLD_MODELS.get(model) or Path(model).expanduser()
+    if not (folder / "tokenizer").is_dir():
+        return None
+    from transformers import CLIPTokenizer  # the class models.load_folder reads tokenizer/ with, for every family
+
+    return read_part(folder, "tokenizer", lambda: CLIPTokenizer.from_pretrained(
+        folder, subfolder="tokenizer", local_files_only=True))
 
 
-def token_warnings(token: str) -> list[str]:
-    """What `dreambooth tokens --check` says is wrong with ``token`` (common words, several pieces)."""
+@functools.lru_cache(maxsize=16)
+def token_suggestions(model: str = "", count: int = 8) -> dict:
+    """`dreambooth tokens`' ranked picks for ``model``'s tokenizer (its vocabulary only, as
+    `train` ranks them for data.token=auto: the first is what "auto" becomes). A tokenizer that
+    cannot be ranked gives no picks and the library's message."""
+    from dreambooth.identifier import pick_token, top_candidates
+
+    try:
+        tokenizer = model_tokenizer(model)
+        picks = top_candidates(tokenizer, count=count)
+        if not picks:
+            pick_token(tokenizer)  # its message: what `train` says for data.token=auto
+    except DreamboothError as e:
+        return {"tokens": [], "note": str(e)}
+    return {"tokens": [{"token": c.token, "reason": c.reason, "rank": c.rank} for c in picks], "note": ""}
+
+
+def token_warnings(token: str, model: str = "") -> list[str]:
+    """What `dreambooth tokens --check` says is wrong with ``token`` for ``model``'s tokenizer
+    (common words, several pieces)."""
     from dreambooth.identifier import check_token
 
-    return check_token(token) if token and token != "auto" else []
+    if not token or token == "auto":
+        return []
+    try:
+        return check_token(token, model_tokenizer(model))
+    except DreamboothError as e:
+        return [str(e)]
+
+
+def warm_up() -> None:
+    """The first plan imports diffusers and torch's fake tensors (ten seconds and more on a slow
+    machine): plan the tiny preset once, in the background, while the form is filled in."""
+    with contextlib.suppress(Exception):
+        plan_text(StartForm(model="tiny", preset="tiny"))
 
 
 def base_models(models_dir: str | Path | None) -> list[dict]:

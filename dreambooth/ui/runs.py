@@ -5,6 +5,7 @@ reads; file paths are given relative to the runs folder (the server serves them 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from dreambooth.runlog import evaluations, read_metrics
@@ -111,6 +112,48 @@ def outputs(run_dir: Path, root: Path) -> dict:
     return {"samples": samples, "exports": exports,
             "sweep": {"grid": _rel(sweep / "grid.png", root) if (sweep / "grid.png").is_file() else None,
                       "table": (sweep / "results.md").read_text() if (sweep / "results.md").is_file() else None}}
+
+
+def drawn(folder: Path, root: Path) -> list[dict]:
+    """The images a `dreambooth sample` job wrote to ``folder``, each with the prompt, seed and
+    settings its PNG text holds (what the command wrote, not what was asked)."""
+    from PIL import Image
+
+    images = []
+    for p in sorted(folder.glob("p*-seed*.png")):
+        with Image.open(p) as im:
+            text = dict(im.text)
+        images.append({"file": _rel(p, root), "prompt": text.get("prompt"), "seed": text.get("seed"),
+                       "token": text.get("token"),
+                       "settings": {k: text.get(k) for k in ("steps", "guidance", "scheduler")}})
+    return images
+
+
+def _template(prompt: str, token: str | None) -> str:
+    """``prompt`` with the run's identifier read back as {token}: two runs with different
+    identifiers drew the same prompt when their templates match."""
+    return re.sub(rf"\b{re.escape(token)}\b", "{token}", prompt) if token else prompt
+
+
+def comparison(root: Path, jobs: list[dict], compare_id: str) -> dict | None:
+    """One comparison: a `dreambooth sample` job per run with the same prompts and seed, and what
+    each drew (its contact sheet and images), side by side in the order the runs were ticked.
+    ``same``: whether both drew the same prompts (the identifier read as {token}) at the same seeds."""
+    mine = sorted((j for j in jobs if j.get("compare") == compare_id), key=lambda j: j.get("side", 0))
+    if not mine:
+        return None
+    sides = []
+    for job in mine:
+        out = Path(job["out"])
+        done = job["state"] == "done"
+        sheet = out / "contact-sheet.png"
+        sides.append({"run": job["run"], "state": job["state"], "error": job.get("error") or None,
+                      "sheet": _rel(sheet, root) if done and sheet.is_file() else None,
+                      "images": drawn(out, root) if done else []})
+    keys = [sorted((_template(i["prompt"], i["token"]), i["seed"]) for i in s["images"]) for s in sides]
+    same = all(s["state"] == "done" for s in sides) and len(sides) == 2 and keys[0] == keys[1] and bool(keys[0])
+    return {"id": compare_id, "prompts": mine[0].get("prompts", []), "seed": mine[0].get("seed"),
+            "n": mine[0].get("n"), "sides": sides, "same": same}
 
 
 def details(run_dir: Path, root: Path, jobs: list[dict]) -> dict:

@@ -8,6 +8,7 @@ anything longer than a second is a job (jobs.py).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import shutil
 import threading
@@ -39,6 +40,8 @@ class App:
         self.models_dir = models_dir
         self.uploads = self.root / ".ui" / "uploads"
         self.jobs = Jobs(self.root / ".ui" / "jobs")
+        self.lock = threading.Lock()
+        self.warming: threading.Thread | None = None
 
     # ---------------------------------------------------------------- helpers
 
@@ -56,8 +59,15 @@ class App:
     # ---------------------------------------------------------------- the form
 
     def options(self, request: Request):
-        return {"presets": forms.presets(), "models": forms.base_models(self.models_dir),
-                "tokens": forms.token_suggestions(), "runs_dir": str(self.root)}
+        """What the form offers; the page asks for it on load, so the first plan's imports start now."""
+        with self.lock:
+            if self.warming is None:
+                self.warming = threading.Thread(target=forms.warm_up, daemon=True, name="warm-up")
+                self.warming.start()
+        return {"presets": forms.presets(), "models": forms.base_models(self.models_dir), "runs_dir": str(self.root)}
+
+    def tokens(self, request: Request):
+        return forms.token_suggestions(request.query_params.get("model", ""))
 
     def schema(self, request: Request):
         try:
@@ -66,7 +76,8 @@ class App:
             return JSONResponse({"errors": {"preset": str(e)}}, status_code=400)
 
     def token(self, request: Request):
-        return {"warnings": forms.token_warnings(request.query_params.get("token", "").strip())}
+        q = request.query_params
+        return {"warnings": forms.token_warnings(q.get("token", "").strip(), q.get("model", ""))}
 
     async def upload(self, request: Request):
         form = await request.form(max_files=MAX_UPLOAD_FILES)
@@ -87,6 +98,8 @@ class App:
         except DreamboothError as e:
             if uploaded:  # a bad set leaves nothing behind
                 shutil.rmtree(folder, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    folder.parent.rmdir()  # uploads/ itself, when this was the only one
             return JSONResponse({"errors": {"photos": str(e)}}, status_code=400)
 
     def plan(self, request: Request, body: dict):
@@ -144,15 +157,7 @@ class App:
         if what == "resume":
             return "train", ["train", "--resume", run, "--no-progress"]
         if what == "sample":
-            from dreambooth.commands.sample import check_flags, read_prompts
-            from dreambooth.rundir import Run
-
-            prompts = read_prompts([p for p in str(body.get("prompts", "")).splitlines() if p.strip()], "")
-            n, seed = int(body.get("n") or 2), int(body.get("seed") or 0)
-            check_flags(n=("sample.num_images", n), seed=("sample.seed", seed))
-            out = Run(run_dir).new_folder("sample")
-            return "sample", ["sample", run, *sum((["--prompt", p] for p in prompts), []), "--n", str(n),
-                              "--seed", str(seed), "--out", str(out), "--no-progress"]
+            return "sample", self._sample_argv(run_dir, *_sample_request(body))
         if what == "export":
             from dreambooth.export import check_request, default_output
             from dreambooth.rundir import Run
@@ -173,6 +178,51 @@ class App:
                 argv += ["--set", item]
             return "sweep", argv
         raise DreamboothError(f"unknown action {what!r}")
+
+    @staticmethod
+    def _sample_argv(run_dir: Path, prompts: list[str], n: int, seed: int) -> list[str]:
+        """`dreambooth sample` into a new samples/sample-K, made now so that a second job queued
+        for the same run picks the next K."""
+        from dreambooth.rundir import Run
+
+        out = Run(run_dir).new_folder("sample")
+        out.mkdir(parents=True)
+        return ["sample", str(run_dir), *sum((["--prompt", p] for p in prompts), []), "--n", str(n),
+                "--seed", str(seed), "--out", str(out), "--no-progress"]
+
+    def compare(self, request: Request, body: dict):
+        """Draw two runs at the same prompts and seeds: one `dreambooth sample` job per run, the
+        same arguments for both (blank prompts: the first run's validation prompts)."""
+        names = [str(n) for n in body.get("runs") or []]
+        if len(names) != 2 or names[0] == names[1]:
+            return JSONResponse({"errors": {"compare": "tick two runs to compare them"}}, status_code=400)
+        dirs = [self.run_dir(n) for n in names]
+        missing = [n for n, d in zip(names, dirs) if not (d / "final").is_dir()]
+        if missing:
+            return JSONResponse({"errors": {"compare": f"{' and '.join(missing)} "
+                                 f"{'has' if len(missing) == 1 else 'have'} not finished training (no final/): "
+                                 "nothing to draw yet"}}, status_code=400)
+        if not str(body.get("prompts", "")).strip():
+            from dreambooth.config import load_config
+
+            body = {**body, "prompts": "\n".join(load_config(dirs[0] / "config.yaml").eval.prompts)}
+        try:
+            prompts, n, seed = _sample_request(body, n=1)
+        except DreamboothError as e:
+            return JSONResponse({"errors": {"compare": str(e)}}, status_code=400)
+        compare_id = time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() % 1_000_000:06d}"
+        jobs = []
+        for side, (name, run_dir) in enumerate(zip(names, dirs)):
+            argv = self._sample_argv(run_dir, prompts, n, seed)
+            jobs.append(self.jobs.submit("sample", name, argv, compare=compare_id, side=side,
+                                         out=argv[argv.index("--out") + 1], prompts=prompts, n=n, seed=seed))
+        return {"id": compare_id, "jobs": jobs}
+
+    def comparison(self, request: Request):
+        found = runs.comparison(self.root, self.jobs.all(), request.path_params["id"])
+        if found is None:
+            return JSONResponse({"errors": {"compare": f"no comparison {request.path_params['id']}"}}, status_code=404)
+        return found
 
     def report(self, request: Request):
         from dreambooth.report import write_report
@@ -199,6 +249,19 @@ class App:
             return Response(buf.getvalue(), media_type="application/zip",
                             headers={"Content-Disposition": f'attachment; filename="{path.name}.zip"'})
         return JSONResponse({"error": f"not found: {request.path_params['path']}"}, status_code=404)
+
+
+def _sample_request(body: dict, n: int = 2) -> tuple[list[str], int, int]:
+    """(prompts, images per prompt, seed) as typed, after `dreambooth sample`'s own checks."""
+    from dreambooth.commands.sample import check_flags, read_prompts
+
+    prompts = read_prompts([p for p in str(body.get("prompts", "")).splitlines() if p.strip()], "")
+    try:
+        n, seed = int(body.get("n") or n), int(body.get("seed") or 0)
+    except ValueError as e:
+        raise DreamboothError(f"images per prompt and seed are whole numbers: {e}") from None
+    check_flags(n=("sample.num_images", n), seed=("sample.seed", seed))
+    return prompts, n, seed
 
 
 def _json_route(method):
@@ -239,6 +302,7 @@ def build_app(runs_dir: str | Path, models_dir: str | Path | None = None) -> Sta
         Route("/api/options", _plain_route(app.options)),
         Route("/api/schema", _plain_route(app.schema)),
         Route("/api/token", _plain_route(app.token)),
+        Route("/api/tokens", _plain_route(app.tokens)),
         Route("/api/photos", upload, methods=["POST"]),
         Route("/api/photos/folder", _json_route(app.folder), methods=["POST"]),
         Route("/api/plan", _json_route(app.plan), methods=["POST"]),
@@ -247,6 +311,8 @@ def build_app(runs_dir: str | Path, models_dir: str | Path | None = None) -> Sta
         Route("/api/runs/{name}", _plain_route(app.run_details)),
         Route("/api/runs/{name}/report", _plain_route(app.report)),
         Route("/api/runs/{name}/{action}", _json_route(app.action), methods=["POST"]),
+        Route("/api/compare", _json_route(app.compare), methods=["POST"]),
+        Route("/api/compare/{id}", _plain_route(app.comparison)),
         Route("/api/jobs/{id}/stop", _plain_route(app.stop_job), methods=["POST"]),
         Route("/files/{path:path}", _plain_route(app.files)),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),

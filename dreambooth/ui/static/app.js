@@ -22,7 +22,8 @@ async function api(path, body) {
   return { ok: r.ok, data };
 }
 
-const state = { photos: "", schema: [], edited: {}, runTouched: false, openRun: null, compare: new Set() };
+const state = { topToken: "", photos: "", schema: [], edited: {}, runTouched: false, openRun: null, compare: [], openCompare: null,
+  jobsActive: false };
 
 // ---------------------------------------------------------------- the new-subject form
 
@@ -140,20 +141,42 @@ function formData() {
     model: $("#model").value, preset: $("#preset").value, run: $("#run").value, overrides: state.edited };
 }
 
-let planTimer = null;
+let planTimer = null, planBusy = false, planAgain = false;
 function refreshPlan() {
   clearTimeout(planTimer);
-  planTimer = setTimeout(async () => {
-    $("#plan").textContent = "planning…";
-    const r = await api("/api/plan", formData());
-    $("#err-plan").textContent = "";
-    if (r.ok) $("#plan").textContent = r.data.text; else { $("#plan").textContent = ""; showErrors(r.data.errors); }
-  }, 400);
+  planTimer = setTimeout(runPlan, 400);
+}
+
+async function runPlan() {  // one plan at a time; a change meanwhile asks once more when it ends
+  if (planBusy) { planAgain = true; return; }
+  planBusy = true; planAgain = false;
+  $("#plan").textContent = "planning…";
+  const r = await api("/api/plan", formData());
+  planBusy = false;
+  if (planAgain) { runPlan(); return; }  // this answer is for settings no longer on the form
+  $("#err-plan").textContent = "";
+  if (r.ok) $("#plan").textContent = r.data.text; else { $("#plan").textContent = ""; showErrors(r.data.errors); }
 }
 
 async function checkToken() {
-  const r = await api("/api/token?token=" + encodeURIComponent($("#token").value.trim()));
+  const r = await api("/api/token?token=" + encodeURIComponent($("#token").value.trim()) + "&model=" + encodeURIComponent($("#model").value));
   $("#warn-token").replaceChildren(...(r.data.warnings || []).map((w) => el("li", { text: "warning: " + w })));
+}
+
+function showTokens(o) {  // `dreambooth tokens`' picks for the chosen model's tokenizer; the first fills the field
+  $("#token-list").replaceChildren(...o.tokens.map((t) => el("option", { value: t.token })));
+  $("#token-suggestions").replaceChildren(...o.tokens.map((t) =>
+    el("span", { title: t.reason, text: `${t.rank}. ${t.token}`, onclick: () => { $("#token").value = t.token; checkToken(); suggestRunName(); } })));
+  $("#token-note").textContent = o.note || "";
+  const field = $("#token");
+  if (!field.value || field.value === state.topToken) field.value = o.tokens.length ? o.tokens[0].token : "";  // not one typed in
+  state.topToken = o.tokens.length ? o.tokens[0].token : "";
+}
+
+async function modelTokens() {
+  const model = $("#model").value;
+  const r = await api("/api/tokens?model=" + encodeURIComponent(model));
+  if (r.ok && model === $("#model").value) { showTokens(r.data); checkToken(); suggestRunName(); }
 }
 
 function suggestRunName() {
@@ -176,10 +199,7 @@ async function setupForm() {
   const o = r.data;
   $("#preset-list").replaceChildren(...o.presets.map((p) => el("option", { value: p })));
   $("#model").replaceChildren(...o.models.map((m) => el("option", { value: m.path, text: `${m.name} (${m.kind})` })));
-  $("#token-list").replaceChildren(...o.tokens.map((t) => el("option", { value: t.token })));
-  $("#token-suggestions").replaceChildren(...o.tokens.map((t) =>
-    el("span", { title: t.reason, text: `${t.rank}. ${t.token}`, onclick: () => { $("#token").value = t.token; checkToken(); suggestRunName(); } })));
-  $("#token").value = o.tokens.length ? o.tokens[0].token : "";
+  modelTokens();  // the identifier picks for the model selected first
   $("#run-where").textContent = "in " + o.runs_dir;
   $("#photos-input").addEventListener("change", (e) => uploadPhotos([...e.target.files]));
   const drop = $("#photos-drop");
@@ -189,7 +209,7 @@ async function setupForm() {
   $("#photos-folder-load").addEventListener("click", async () =>
     intakeDone(await api("/api/photos/folder", { folder: $("#photos-folder").value, resolution: value("data.resolution") })));
   $("#preset").addEventListener("change", loadSchema);
-  $("#model").addEventListener("change", refreshPlan);
+  $("#model").addEventListener("change", () => { refreshPlan(); modelTokens(); });
   $("#token").addEventListener("change", () => { checkToken(); suggestRunName(); });
   $("#class_noun").addEventListener("input", suggestRunName);
   $("#run").addEventListener("input", () => { state.runTouched = true; });
@@ -211,19 +231,25 @@ async function refreshRuns() {
   body.replaceChildren();
   for (const run of r.data.runs) {
     const tick = el("input", { type: "checkbox", class: "compare-tick" });
-    tick.checked = state.compare.has(run.name);
-    tick.addEventListener("click", (e) => { e.stopPropagation(); tick.checked ? state.compare.add(run.name) : state.compare.delete(run.name); });
+    tick.checked = state.compare.includes(run.name);
+    tick.addEventListener("click", (e) => {  // the two ticked last, in the order ticked
+      e.stopPropagation();
+      state.compare = state.compare.filter((n) => n !== run.name);
+      if (tick.checked) state.compare = [...state.compare, run.name].slice(-2);
+      document.querySelectorAll(".compare-tick").forEach((t) => { t.checked = state.compare.includes(t.closest("tr").dataset.run); });
+    });
     const row = el("tr", { class: "run-row" + (run.name === state.openRun ? " selected" : ""), "data-run": run.name,
       onclick: () => { location.hash = "#run=" + encodeURIComponent(run.name); } },
       el("td", {}, tick),
       el("td", {}, run.thumb ? el("img", { src: file(run.thumb), alt: "" }) : ""),
       el("td", { text: run.name }),
-      el("td", {}, el("span", { class: "badge " + run.status, text: run.status })),
-      el("td", { text: run.steps ? `${run.step}/${run.steps}` : "-" }),
+      el("td", {}, el("span", { class: "badge run-status " + run.status, text: run.status })),
+      el("td", { class: "run-step", text: run.steps ? `${run.step}/${run.steps}` : "-" }),
       el("td", { class: "hint", text: headline(run.best || run.metrics) }));
     body.append(row);
   }
   const active = r.data.jobs.filter((j) => j.state === "running" || j.state === "queued");
+  state.jobsActive = active.length > 0;
   $("#queue").textContent = active.length ? active.map((j) => `${j.kind} ${j.run}: ${j.state}`).join(" · ") : "no jobs running";
 }
 
@@ -267,6 +293,12 @@ function renderRun(d) {
   if (d.status === "running" && p.step === 0) text = "preparing: loading the model, drawing class images…";
   else if (d.status === "running" && p.eta_s !== null) text += ` · ETA ${fmtTime(p.eta_s)}`;
   $("#run-progress-text").textContent = text;
+  const row = document.querySelector(`#runs-list tr[data-run="${CSS.escape(d.name)}"]`);
+  if (row) {  // the list's row from the same reading, so the two never disagree
+    row.querySelector(".run-step").textContent = p.steps ? `${p.step}/${p.steps}` : "-";
+    const b = row.querySelector(".run-status");
+    b.textContent = d.status; b.className = "badge run-status " + d.status;
+  }
   $("#stop").hidden = !(d.status === "running" || d.status === "queued");
   $("#resume").hidden = !(d.status === "stopped" || (d.status === "failed" && c));
   $("#run-error").textContent = d.status === "failed" && d.error ? d.error : "";
@@ -314,32 +346,53 @@ async function runAction(action, body, errBox) {
   await refreshRun();
 }
 
-async function compare() {
-  const names = [...state.compare].slice(0, 2);
-  const view = $("#compare-view");
-  if (names.length < 2) { view.hidden = false; view.textContent = "tick two runs to compare them"; return; }
-  const runs = await Promise.all(names.map(async (n) => (await api("/api/runs/" + encodeURIComponent(n))).data));
-  const same = JSON.stringify(runs[0].config?.eval_prompts) === JSON.stringify(runs[1].config?.eval_prompts)
-    && runs[0].config?.eval_seed === runs[1].config?.eval_seed;
-  view.replaceChildren(
-    el("h2", { text: `${names[0]} vs ${names[1]}` }),
-    el("div", { class: same ? "hint" : "warnings", text: same ? "same validation prompts and seeds: the grids are comparable cell by cell"
-      : "the runs' validation prompts or seeds differ: sample both with the same prompts and seed to compare" }),
-    el("div", { class: "compare-cols" }, ...runs.map((d) => {
-      const g = d.grids[d.grids.length - 1];
-      return el("div", {}, el("h3", { text: `${d.name} (${d.status})` }),
-        el("div", { class: "hint", text: d.config ? `${d.config.model}, ${d.config.mode}; ${fmtMetrics(d.metrics)}` : "" }),
-        g ? gridItem(g, `step ${g.step}`) : el("div", { text: "no validation grid yet" }),
-        ...d.samples.slice(-1).map((s) => el("img", { src: file(s.sheet), alt: "samples" })));
+async function compare() {  // one `dreambooth sample` job per run, the same prompts and seed
+  $("#err-compare").textContent = "";
+  if (state.compare.length < 2) { $("#err-compare").textContent = "tick two runs to compare them"; return; }
+  const r = await api("/api/compare", { runs: state.compare, prompts: $("#compare-prompts").value,
+    n: $("#compare-n").value, seed: $("#compare-seed").value });
+  if (!r.ok) { $("#err-compare").textContent = Object.values(r.data.errors).join("\n"); return; }
+  location.hash = "#compare=" + encodeURIComponent(r.data.id);
+}
+
+function renderCompare(d) {
+  const [a, b] = d.sides.map((s) => s.run);
+  const drawing = d.sides.some((s) => s.state === "queued" || s.state === "running");
+  const seeds = d.n > 1 ? `seeds ${d.seed}–${d.seed + d.n - 1}` : `seed ${d.seed}`;
+  const note = drawing ? `drawing both runs at the same ${d.prompts.length} prompts, ${seeds}…`
+    : d.same ? `the same ${d.prompts.length} prompts at ${seeds} (read back from each image): comparable cell by cell`
+    : "the two did not draw the same prompts and seeds (see the jobs' errors)";
+  $("#compare-view").replaceChildren(
+    el("h2", { text: `${a} vs ${b}` }),
+    el("div", { id: "compare-note", class: d.same || drawing ? "hint" : "warnings", text: note }),
+    el("ol", { class: "hint" }, ...d.prompts.map((p) => el("li", { text: p }))),
+    el("div", { class: "compare-cols" }, ...d.sides.map((s) => {
+      const first = s.images[0];
+      const how = first ? `${first.settings.scheduler}, ${first.settings.steps} steps, guidance ${first.settings.guidance}; identifier ${first.token}` : "";
+      return el("div", { class: "compare-side", "data-run": s.run, "data-state": s.state },
+        el("h3", {}, el("a", { href: "#run=" + encodeURIComponent(s.run), text: s.run }), ` (sample: ${s.state})`),
+        el("div", { class: "hint", text: how }),
+        s.sheet ? el("img", { class: "compare-sheet", src: file(s.sheet), alt: `${s.run} at the shared prompts` }) : null,
+        s.error ? el("div", { class: "error", text: s.error }) : null);
     })));
-  view.hidden = false;
+  $("#compare-view").hidden = false;
+  return drawing;
+}
+
+async function refreshCompare() {
+  if (!state.openCompare) return;
+  const id = state.openCompare;
+  const r = await api("/api/compare/" + encodeURIComponent(id));
+  if (id !== state.openCompare) return;
+  if (!r.ok) { $("#compare-view").replaceChildren(el("div", { class: "error", text: Object.values(r.data.errors).join("\n") })); $("#compare-view").hidden = false; return; }
+  if (renderCompare(r.data)) setTimeout(refreshCompare, 1000);
 }
 
 // ---------------------------------------------------------------- routing
 
 function route() {
   const hash = decodeURIComponent(location.hash || "#new");
-  const onRuns = hash.startsWith("#run");
+  const onRuns = hash.startsWith("#run") || hash.startsWith("#compare=");
   $("#new-view").hidden = onRuns;
   $("#runs-view").hidden = !onRuns;
   $("#tab-new").classList.toggle("active", !onRuns);
@@ -347,10 +400,12 @@ function route() {
   const name = hash.startsWith("#run=") ? hash.slice(5) : null;
   if (name !== state.openRun) $("#grids").replaceChildren();
   state.openRun = name;
+  state.openCompare = hash.startsWith("#compare=") ? hash.slice(9) : null;
   $("#run-view").hidden = !name;
   $("#compare-view").hidden = true;
   refreshRuns();
   refreshRun();
+  refreshCompare();
 }
 
 async function main() {
@@ -366,7 +421,11 @@ async function main() {
   window.addEventListener("hashchange", route);
   route();
   setInterval(refreshRun, 1000);
-  setInterval(refreshRuns, 3000);
+  const listLoop = async () => {  // every second while a job runs, so its row keeps up; else every 3 s
+    await refreshRuns().catch(() => {});
+    setTimeout(listLoop, state.jobsActive ? 1000 : 3000);
+  };
+  setTimeout(listLoop, 1000);
   await setupForm();
   document.body.dataset.ready = "1";
 }
