@@ -54,7 +54,7 @@ Take it from a diffusers checkout at the release matching the installed diffuser
     git clone --filter=blob:none --no-checkout https://github.com/huggingface/diffusers
     git -C diffusers show v0.40.0:examples/dreambooth/train_dreambooth.py > train_dreambooth.py
 
-(its check_min_version must not exceed the installed diffusers; a '.dev0' one from main fails)."""
+(its check_min_version must not exceed the installed diffusers; main's names the next, unreleased one)."""
 
 
 @dataclass
