@@ -174,7 +174,7 @@ def spread(xs: list[float], digits: int) -> str:
     return " / ".join(f"{x:.{digits}f}" for x in (min(xs), statistics.median(xs), max(xs)))
 
 
-def table(rows: list[tuple[int, str, list[float], list[float]]]) -> str:
+def table(rows: list[tuple[int | str, str, list[float], list[float]]]) -> str:
     lines = ["| heads | figure | ours (min / median / max) | reference (min / median / max) | ours / reference |",
              "| ---: | --- | --- | --- | --- |"]
     for heads, name, o, r in rows:
@@ -207,7 +207,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         photos = held_out_subjects()[7].save_photos(work / "photos", 3)[0].parent  # the demo's subject
-        variants = [(0, args.model)] if args.model else [
+        variants = [("-", args.model)] if args.model else [
             (h, build_folder(work / f"tiny-{h}-heads", h)) for h in map(int, args.heads.split(","))]
         for heads, model in variants:
             results: dict = {}
