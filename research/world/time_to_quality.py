@@ -217,7 +217,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-margin", type=float, default=0.1)
     ap.add_argument("--set", action="append", default=[], dest="sets", help="for checks: added to every run")
     ap.add_argument("--plot", default="docs/time-to-quality.png")
-    ap.add_argument("--plot-runs", default="reference,preset", help="the runs the plot shows, comma-separated")
+    ap.add_argument("--plot-runs", default=",".join(n for n, _, _ in RUNS),
+                    help="the runs the plot shows (those recorded), comma-separated")
     ap.add_argument("--plot-only", action="store_true")
     args = ap.parse_args(argv)
 
