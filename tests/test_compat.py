@@ -191,6 +191,9 @@ OLD_SCRIPT = textwrap.dedent('''
                 raise ImportError("the old-environment script must not import the dreambooth package")
 
     sys.meta_path.insert(0, NoDreambooth())
+    # this venv's torchao (the quantize extra) is newer than the old peft's torchao dispatch
+    # expects; a user of that peft would not have it, so the old environment does not see it
+    sys.modules["torchao"] = None
     import transformers.utils.import_utils as iu
     iu._kernels_available = False  # this venv's `kernels` expects huggingface_hub 1.x
     import torch, numpy as np, transformers, diffusers
