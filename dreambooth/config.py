@@ -204,7 +204,12 @@ class TrainConfig:
     adam_beta1: float = _num(0.9, 0, 1, high_open=True)  # torch's AdamW: 0 <= beta < 1
     adam_beta2: float = _num(0.999, 0, 1, high_open=True)
     adam_eps: float = _num(1e-8, 0, low_open=True)  # > 0: 0 divides by zero where a gradient is 0
-    optimizer: str = _choices("adamw", "adamw8bit", default="adamw")
+    # adamw8bit: bitsandbytes' 8-bit AdamW (CUDA); paged_adamw8bit: the same in paged memory, which
+    # the driver may evict to host memory under pressure (CUDA)
+    optimizer: str = _choices("adamw", "adamw8bit", "paged_adamw8bit", default="adamw")
+    # AdamW's state and update on the CPU (torchao's CPUOffloadOptimizer, CUDA): the GPU keeps the
+    # weights and gradients; each step copies the gradients to host memory and the weights back
+    offload_optimizer: bool = False
     mixed_precision: str = _choices("no", "fp16", "bf16", default="no")
     gradient_checkpointing: bool = False
     # move the VAE and the text encoders that do not train to the CPU once the latents and the
@@ -582,7 +587,27 @@ def _check_combinations(cfg: Config) -> Config:
                           "the whole UNet trains: it needs train.mode=full (set prior.null_space=0 for LoRA)")
     if cfg.train.shard == "fsdp":
         _check_sharding(cfg)
+    if cfg.train.offload_optimizer:
+        _check_offload_optimizer(cfg)
     return cfg
+
+
+def _check_offload_optimizer(cfg: Config) -> None:
+    """``train.offload_optimizer`` runs plain AdamW on host copies of the weights, which it copies
+    back over the GPU's after each step (dreambooth/trainable.py)."""
+    t, fix = cfg.train, "or train.offload_optimizer=false"
+    if t.optimizer != "adamw":
+        raise ConfigError(f"train.offload_optimizer=true runs AdamW's state on the CPU, and train.optimizer="
+                          f"{t.optimizer} keeps an 8-bit state on the GPU: set train.optimizer=adamw {fix}")
+    if t.shard == "fsdp":
+        raise ConfigError("train.offload_optimizer=true is for one GPU: train.shard=fsdp already splits the "
+                          f"optimizer state over the GPUs; set train.shard=none {fix}")
+    if t.mixed_precision == "fp16":
+        raise ConfigError("train.offload_optimizer=true copies the gradients to the CPU before fp16's loss "
+                          f"scale is taken off them: set train.mixed_precision=bf16 (or no) {fix}")
+    if cfg.prior.null_space:
+        raise ConfigError("train.offload_optimizer=true copies the CPU's weights over the GPU's after each step, "
+                          "which undoes prior.null_space's projection of them: set prior.null_space=0 " + fix)
 
 
 def _check_sharding(cfg: Config) -> None:

@@ -87,11 +87,30 @@ def train_token_only(text_encoder, tokenizer, token: str) -> None:
     weight.register_hook(lambda grad: grad * mask.to(grad.device, grad.dtype))
 
 
-def make_optimizer(cfg, trainable: Trainable, plan: bool = False) -> torch.optim.Optimizer:
-    """AdamW (or bitsandbytes' 8-bit AdamW) over the trainable weights: one parameter group per
-    module, the text encoders at ``train.text_encoder_lr`` when set. ``plan``: for a planned step
-    (``dreambooth.plan``), plain AdamW stands in for the 8-bit one, whose state the plan scales."""
+EIGHT_BIT = {"adamw8bit": "AdamW8bit", "paged_adamw8bit": "PagedAdamW8bit"}  # train.optimizer -> bitsandbytes
+OFFLOAD_MIN_SIZE = 4096  # torchao's default minimal_size: smaller tensors keep their AdamW on the GPU
+
+
+def check_optimizer(cfg, cuda: bool) -> None:
+    """Refuse the optimizer settings that need a CUDA GPU on a machine without one (config.py
+    refuses the combinations that cannot work anywhere)."""
     t = cfg.train
+    if t.optimizer in EIGHT_BIT and not cuda:
+        raise DreamboothError(f"train.optimizer={t.optimizer} needs a CUDA GPU (bitsandbytes); "
+                              "use train.optimizer=adamw on CPU")
+    if t.offload_optimizer and not cuda:
+        raise DreamboothError("train.offload_optimizer=true moves AdamW's state from a CUDA GPU to host memory "
+                              "(torchao); on CPU the state is in host memory already: set train.offload_optimizer=false")
+
+
+def make_optimizer(cfg, trainable: Trainable, plan: bool = False) -> torch.optim.Optimizer:
+    """AdamW (bitsandbytes' 8-bit or paged 8-bit AdamW; or AdamW offloaded to the CPU by torchao)
+    over the trainable weights: one parameter group per module, the text encoders at
+    ``train.text_encoder_lr`` when set. ``plan``: for a planned step (``dreambooth.plan``), plain
+    AdamW stands in for the 8-bit and the offloaded ones, whose state the plan scales or moves."""
+    t = cfg.train
+    if not plan:
+        check_optimizer(cfg, any(p.is_cuda for p in trainable.parameters()))
     token_only = t.train_token and not t.train_text_encoder  # no decay on the untouched rows
     groups = []
     for name, module in trainable.modules.items():
@@ -100,13 +119,48 @@ def make_optimizer(cfg, trainable: Trainable, plan: bool = False) -> torch.optim
                        "lr": (t.text_encoder_lr or t.lr) if text else t.lr,
                        **({"weight_decay": 0.0} if text and token_only else {})})
     kwargs = dict(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
-    if t.optimizer == "adamw8bit" and not plan:
+    if t.optimizer in EIGHT_BIT and not plan:
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise DreamboothError("train.optimizer=adamw8bit needs bitsandbytes: pip install bitsandbytes") from None
-        return bnb.optim.AdamW8bit(groups, **kwargs)
+            raise DreamboothError(f"train.optimizer={t.optimizer} needs bitsandbytes: pip install bitsandbytes") from None
+        return getattr(bnb.optim, EIGHT_BIT[t.optimizer])(groups, **kwargs)
+    if t.offload_optimizer and not plan:
+        return _offloaded(groups, kwargs, clipped=t.max_grad_norm > 0)
     # fused (CPU and CUDA, planned steps too): one kernel for the update, no temporaries; on one
     # CPU thread the tiny UNet's update takes 1.7 ms fused, 6-8 ms unfused (docs/performance.md)
     devices = {p.device.type for g in groups for p in g["params"]}
     return torch.optim.AdamW(groups, fused=devices <= {"cpu", "cuda"}, **kwargs)
+
+
+def _offloaded(groups: list[dict], kwargs: dict, clipped: bool) -> torch.optim.Optimizer:
+    """torchao's ``CPUOffloadOptimizer`` (fused CPU AdamW on pinned host copies of the weights;
+    tensors under ``OFFLOAD_MIN_SIZE`` values keep a GPU AdamW), with two changes the training loop
+    needs. It copies each gradient to the host as the backward pass leaves it, before the loop
+    clips the gradients: with ``train.max_grad_norm`` the step copies the clipped ones again. And
+    it copies the weights to the host only when built: a resume loads the checkpoint's weights
+    into the GPU's after that, so loading the optimizer state copies them again.
+
+    Not run here: CPUOffloadOptimizer needs a CUDA device, and no GPU was lent to this work, so
+    neither the step nor a resume through it has run (the plan's figures for it are computed)."""
+    try:
+        from torchao.optim import CPUOffloadOptimizer
+    except ImportError:
+        raise DreamboothError("train.offload_optimizer=true needs torchao: pip install 'dreambooth[quantize]'") from None
+
+    class Offloaded(CPUOffloadOptimizer):
+        @torch.no_grad()
+        def step(self, closure=None):
+            if clipped:
+                for p_device, copied in self.queue.items():
+                    copied.synchronize()  # the hook's copy is done; overwrite it with the clipped gradient
+                    self.param_d2h_map[p_device].grad.copy_(p_device.grad)
+            return super().step(closure)
+
+        @torch.no_grad()
+        def load_state_dict(self, state_dict):
+            for p_device, p_host in self.param_d2h_map.items():
+                p_host.copy_(p_device)
+            super().load_state_dict(state_dict)
+
+    return Offloaded(groups, torch.optim.AdamW, minimal_size=OFFLOAD_MIN_SIZE, **kwargs)

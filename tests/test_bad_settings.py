@@ -112,3 +112,36 @@ def test_a_run_folder_the_user_cannot_write_is_a_message(photos, tmp_path, capsy
     assert main(train_argv(photos, tmp_path / "run", "train.steps=2")) == 2
     err = capsys.readouterr().err
     assert err == f"error: {tmp_path / 'run'}: Permission denied\n"
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["train.optimizer=adamw8bit"], "keeps an 8-bit state on the GPU: set train.optimizer=adamw or train.offload_optimizer=false"),
+    (["train.optimizer=paged_adamw8bit"], "train.optimizer=paged_adamw8bit keeps an 8-bit state on the GPU"),
+    (["train.shard=fsdp"], "is for one GPU: train.shard=fsdp already splits the optimizer state over the GPUs; "
+                           "set train.shard=none or train.offload_optimizer=false"),
+    (["train.mixed_precision=fp16"], "set train.mixed_precision=bf16 (or no) or train.offload_optimizer=false"),
+    (["prior.null_space=0.5"], "undoes prior.null_space's projection of them: set prior.null_space=0"),
+])
+def test_offload_optimizer_with_what_it_cannot_run_beside_is_refused(photos, tmp_path, settings, message, capsys):
+    out = tmp_path / "run"
+    assert main(train_argv(photos, out, "train.offload_optimizer=true", *settings)) == 2
+    err = capsys.readouterr().err
+    assert "train.offload_optimizer=true" in err and message in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for a machine without CUDA")
+@pytest.mark.parametrize("setting, message", [
+    ("train.offload_optimizer=true", "train.offload_optimizer=true moves AdamW's state from a CUDA GPU to host "
+                                     "memory (torchao); on CPU the state is in host memory already: "
+                                     "set train.offload_optimizer=false"),
+    ("train.optimizer=paged_adamw8bit", "train.optimizer=paged_adamw8bit needs a CUDA GPU (bitsandbytes); "
+                                        "use train.optimizer=adamw on CPU"),
+])
+def test_gpu_only_optimizers_are_refused_on_cpu_before_a_step(photos, tmp_path, setting, message, capsys):
+    """(Refused when the optimizer is built, trainable.check_optimizer; train.check_run refuses
+    adamw8bit earlier, before the model loads.)"""
+    assert main(train_argv(photos, tmp_path / "run", setting, "train.steps=2")) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert not list((tmp_path / "run").glob("checkpoints/step-*"))
