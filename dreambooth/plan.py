@@ -9,7 +9,10 @@ table of layer sizes can go stale. The frozen parts the step does not touch (the
 encoders once their embeddings are cached) are added at their resident size, unless
 ``train.offload_frozen`` moves them to the CPU. 8-bit AdamW (bitsandbytes, CUDA only) is planned
 as AdamW with its state at 1 byte per value plus one float32 scale per 256 values, which is
-how bitsandbytes stores it. ``train.quantize_base=int8`` runs torchao's int8 layers in the planned
+how bitsandbytes stores it (paged 8-bit AdamW the same: the plan counts its state all resident,
+the worst case, though the driver may evict it to host memory under pressure);
+``train.offload_optimizer`` as AdamW with the state of its offloaded tensors in host memory
+(``Estimate.host``, beside the GPU's peak). ``train.quantize_base=int8`` runs torchao's int8 layers in the planned
 step (they run on fake tensors; their stored bytes are the int8 data and scales); ``nf4`` cannot
 (bitsandbytes runs neither on fake tensors nor without CUDA), so it is planned as the unquantized
 step with each quantized weight counted at its stored bytes (``_planned_nf4``).
@@ -40,11 +43,13 @@ GiB = 2**30
 
 @dataclass
 class Estimate:
-    """Peak tensor bytes of one training step, by kind (``parts``), for the settings in ``settings``."""
+    """Peak tensor bytes of one training step, by kind (``parts``), for the settings in ``settings``;
+    ``host``: what ``train.offload_optimizer`` keeps in host memory instead (not in ``peak``)."""
 
     peak: int
     parts: dict[str, int] = field(default_factory=dict)
     settings: dict[str, object] = field(default_factory=dict)
+    host: dict[str, int] = field(default_factory=dict)
 
     def gib(self) -> float:
         return self.peak / GiB
@@ -274,12 +279,27 @@ def step_peak(s, planned_nf4: bool = False) -> Estimate:
     trained = sum(p.numel() * p.element_size() for p in s.trainable.parameters())
     parts = {"weights": before - optimizer, "gradients": trained, "optimizer state": optimizer,
              "activations and temporaries": tracker.peak - before - trained}
-    if s.cfg.train.optimizer == "adamw8bit":  # planned as AdamW: 8 bytes a value, bitsandbytes keeps ~2
+    # planned as AdamW: 8 bytes a value, bitsandbytes keeps ~2. Paged: all of it resident, the worst case
+    if s.cfg.train.optimizer in ("adamw8bit", "paged_adamw8bit"):
         parts["optimizer state"] = int(optimizer * 2 * BNB_BYTES / 8)
+    host = _offloaded_state(s, parts) if s.cfg.train.offload_optimizer else {}
     if planned_nf4:
         _planned_nf4(s, parts)
     parts.update(resident_frozen(s))
-    return Estimate(sum(parts.values()), parts, settings=settings_of(s.cfg))
+    return Estimate(sum(parts.values()), parts, settings=settings_of(s.cfg), host=host)
+
+
+def _offloaded_state(s, parts: dict[str, int]) -> dict[str, int]:
+    """``train.offload_optimizer``: the state of the tensors torchao offloads (``OFFLOAD_MIN_SIZE``
+    values or more) leaves the GPU's parts for host memory, where pinned copies of those weights
+    and gradients join it; the smaller tensors' state stays on the GPU. Returns the host bytes."""
+    from dreambooth.trainable import OFFLOAD_MIN_SIZE
+
+    moved = [(p, st) for p, st in s.optimizer.state.items() if p.numel() >= OFFLOAD_MIN_SIZE]
+    state = sum(t.untyped_storage().nbytes() for _, st in moved for t in st.values() if isinstance(t, torch.Tensor))
+    copies = sum(p.numel() * p.element_size() for p, _ in moved)
+    parts["optimizer state"] -= state
+    return {"optimizer state": state, "weights and gradients (copies)": 2 * copies}
 
 
 def _planned_nf4(s, parts: dict[str, int]) -> None:
@@ -300,7 +320,7 @@ def _planned_nf4(s, parts: dict[str, int]) -> None:
 def settings_of(cfg) -> dict[str, object]:
     t = cfg.train
     out = {"mode": t.mode, "mixed_precision": t.mixed_precision, "gradient_checkpointing": t.gradient_checkpointing,
-           "optimizer": t.optimizer, "offload_frozen": t.offload_frozen, "resolution": cfg.data.resolution,
+           "optimizer": t.optimizer, "offload_optimizer": t.offload_optimizer, "offload_frozen": t.offload_frozen, "resolution": cfg.data.resolution,
            "batch_size": t.batch_size, "prior": cfg.prior.enabled, "train_text_encoder": t.train_text_encoder}
     if t.mode == "lora":
         out["lora_rank"] = cfg.lora.rank
@@ -388,7 +408,7 @@ def on_gpus(estimate: Estimate, cfg, gpus: int) -> Estimate:
     units FSDP makes of the denoiser built from its configs); ``none``: every GPU holds it all."""
     settings = {**estimate.settings, "gpus": gpus}
     if gpus <= 1 or cfg.train.shard != "fsdp":
-        return Estimate(estimate.peak, dict(estimate.parts), settings)
+        return Estimate(estimate.peak, dict(estimate.parts), settings, dict(estimate.host))
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from dreambooth.family import family_of
@@ -436,8 +456,11 @@ def switches(cfg) -> list[tuple[str, list[str]]]:
         out.append(("recompute activations in the backward pass (slower steps)", ["train.gradient_checkpointing=true"]))
     if t.mixed_precision == "no":
         out.append(("bf16 compute, frozen weights in bf16", ["train.mixed_precision=bf16"]))
-    if t.optimizer == "adamw":
+    if t.optimizer == "adamw" and not t.offload_optimizer:
         out.append(("8-bit AdamW state (bitsandbytes, CUDA)", ["train.optimizer=adamw8bit"]))
+    if not (t.offload_optimizer or t.shard == "fsdp" or t.mixed_precision == "fp16" or cfg.prior.null_space):
+        out.append(("AdamW's state and update on the CPU (torchao, CUDA; slower steps)",  # replaces 8-bit AdamW
+                    ["train.optimizer=adamw", "train.offload_optimizer=true"]))
     if not t.offload_frozen:
         out.append(("VAE and frozen text encoders to the CPU once cached", ["train.offload_frozen=true"]))
     if t.mode == "lora" and t.quantize_base != "nf4":
@@ -480,7 +503,7 @@ def _derived(estimate: Estimate, items: list[str], cfg) -> Estimate | None:
         parts = {k: v for k, v in parts.items() if not k.endswith(" (frozen)")}
     else:
         return None
-    return Estimate(sum(parts.values()), parts, settings_of(cfg))
+    return Estimate(sum(parts.values()), parts, settings_of(cfg), dict(estimate.host))
 
 
 def _with(cfg, items: list[str]):
@@ -497,11 +520,14 @@ def report(cfg, estimate: Estimate, budget: int | None, advice) -> str:
     """The plan as text: the peak by part, whether it fits, and the switches that make it fit."""
     lines = [f"model {cfg.model.path}, {cfg.train.mode} at {cfg.data.resolution} px, batch {cfg.train.batch_size}"
              f"{' + prior' if cfg.prior.enabled else ''}, {cfg.train.mixed_precision} precision, "
-             f"optimizer {cfg.train.optimizer}, checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}"
+             f"optimizer {cfg.train.optimizer}{' on the CPU' if cfg.train.offload_optimizer else ''}, checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}"
              f"{f', frozen base in {cfg.train.quantize_base}' if cfg.train.quantize_base != 'none' else ''}",
              f"predicted peak GPU memory (tensors, one training step{_gpus_note(cfg, estimate)}):"]
     lines += [f"  {name:<52} {size / GiB:8.2f} GiB" for name, size in estimate.parts.items()]
     lines.append(f"  {'total':<52} {estimate.gib():8.2f} GiB  (+ {CUDA_OVERHEAD / GiB:.1f} GiB CUDA context)")
+    if estimate.host:
+        lines.append("in host memory (train.offload_optimizer; not in the GPU's total):")
+        lines += [f"  {name:<52} {size / GiB:8.2f} GiB" for name, size in estimate.host.items()]
     if budget is None:
         return "\n".join(lines + ["pass --gpu 24GB (or --gpu auto on the GPU) to check that it fits"])
     if fits(estimate, budget):

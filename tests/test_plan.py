@@ -135,3 +135,49 @@ def test_a_model_folder_is_planned_from_its_configs_alone(name, photos, tmp_path
     assert predicted.peak == pytest.approx(measured.peak, rel=0.10), (predicted.parts, measured.parts)
     assert predicted.parts["frozen copy of the denoiser (prior.target: base)"] == \
         measured.parts["frozen copy of the denoiser (prior.target: base)"] > 0
+
+
+def test_offload_optimizer_moves_the_optimizer_state_to_host_memory(photos):
+    """train.offload_optimizer: the GPU's peak is the plan without it less the state torchao moves
+    to host memory (the tensors of OFFLOAD_MIN_SIZE values or more); the host holds that state and
+    copies of those weights and gradients."""
+    from dreambooth.trainable import OFFLOAD_MIN_SIZE
+
+    full = plan.predict(config("tiny", [], photos))
+    off = plan.predict(config("tiny", ["train.offload_optimizer=true"], photos))
+    moved = off.host["optimizer state"]
+    assert 0.9 * full.parts["optimizer state"] < moved < full.parts["optimizer state"]  # small tensors stay
+    assert off.peak == full.peak - moved
+    assert off.parts["optimizer state"] == full.parts["optimizer state"] - moved
+    assert {k: v for k, v in off.parts.items() if k != "optimizer state"} == \
+        {k: v for k, v in full.parts.items() if k != "optimizer state"}
+    assert off.host["weights and gradients (copies)"] < moved  # fp32: 8 bytes of copies, 8 of state a value
+    assert OFFLOAD_MIN_SIZE == 4096  # torchao's CPUOffloadOptimizer default, which make_optimizer passes
+    text = plan.report(config("tiny", ["train.offload_optimizer=true"], photos), off, None, [])
+    assert "optimizer adamw on the CPU" in text and "in host memory (train.offload_optimizer" in text
+
+
+def test_paged_8bit_adamw_plans_like_8bit_adamw(photos):
+    eight = plan.predict(config("tiny", ["train.optimizer=adamw8bit"], photos))
+    paged = plan.predict(config("tiny", ["train.optimizer=paged_adamw8bit"], photos))
+    assert paged.parts == eight.parts and paged.peak == eight.peak  # all resident: the worst case
+
+
+def test_offload_optimizer_is_offered_after_8bit_adamw_where_it_can_run(photos):
+    def offered(*items):
+        return [i for _, i in plan.switches(config("tiny", list(items), photos))]
+
+    offload = ["train.optimizer=adamw", "train.offload_optimizer=true"]
+    plain = offered()
+    assert plain.index(offload) == plain.index(["train.optimizer=adamw8bit"]) + 1
+    assert offload in offered("train.optimizer=adamw8bit")  # it replaces the 8-bit state
+    on = offered("train.offload_optimizer=true")
+    assert offload not in on and ["train.optimizer=adamw8bit"] not in on  # refused together
+    assert offload not in offered("train.mixed_precision=fp16")
+    # advice plans it again: a budget only the offloaded state fits takes it after 8-bit AdamW
+    cfg = config("tiny", ["train.gradient_checkpointing=true", "train.mixed_precision=bf16"], photos)
+    estimate = plan.predict(cfg)
+    off = plan.predict(plan._with(cfg, offload))
+    budget = off.peak + plan.CUDA_OVERHEAD
+    rows = plan.advise(cfg, budget, estimate)
+    assert [r[1] for r in rows[:2]] == [["train.optimizer=adamw8bit"], offload] and rows[1][2].peak == off.peak
