@@ -40,7 +40,7 @@ from dreambooth.quantize import check_available, quantize_base
 from dreambooth.rundir import refuse_inside_photos, writer_lock
 from dreambooth.runlog import log_metrics, trim_metrics
 from dreambooth.selection import select_best, should_stop
-from dreambooth.trainable import Trainable, make_optimizer, make_trainable
+from dreambooth.trainable import Trainable, check_optimizer, make_optimizer, make_trainable
 
 
 class TrainingError(DreamboothError):
@@ -245,9 +245,7 @@ def check_run(cfg: Config, model: BaseModel) -> Config:
                             f"data.resolution={cfg.data.resolution} (encoding one photo at this size)",
                             "Lower data.resolution (the model's native size is usual: 512 for SD 1.x, "
                             "768 for SD 2.x, 1024 for SDXL)")
-    if cfg.train.optimizer == "adamw8bit" and not torch.cuda.is_available():
-        raise TrainingError("train.optimizer=adamw8bit needs a CUDA GPU (bitsandbytes); "
-                            "use train.optimizer=adamw on CPU")
+    check_optimizer(cfg, torch.cuda.is_available())
     check_available(cfg.train.quantize_base, torch.cuda.is_available())
     return cfg
 
