@@ -87,6 +87,11 @@ def published_stem(path: Path) -> str:
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return False  # our own leftover from an earlier failed write
+    return process_exists(pid)
+
+
+def process_exists(pid: int) -> bool:
+    """Whether a process with this id exists (another user's counts: it cannot be signalled)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -18,20 +18,15 @@ import threading
 import time
 from pathlib import Path
 
+from dreambooth.files import process_exists
 from dreambooth.ui.runjob import read_job, write_job
 
 ACTIVE = ("queued", "running")
 
 
 def _alive(pid: int | None) -> bool:
-    if not pid:
+    if not pid or not process_exists(pid):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     try:  # a zombie (exited, not yet reaped by its parent) is not alive
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
