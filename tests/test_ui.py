@@ -132,13 +132,26 @@ def set_setting(page, key: str, value: str) -> None:
         box.dispatch_event("change")
 
 
+def drop_files(page, target: str, files: list[Path]) -> None:
+    """Drop ``files`` on ``target`` as a user drags them from a file manager: a real ``drop`` event
+    whose DataTransfer holds File objects with the files' bytes."""
+    payload = [{"name": f.name, "bytes": list(f.read_bytes())} for f in files]
+    transfer = page.evaluate_handle("""files => {
+        const dt = new DataTransfer();
+        for (const f of files) dt.items.add(new File([new Uint8Array(f.bytes)], f.name));
+        return dt;
+    }""", payload)
+    page.dispatch_event(target, "dragover", {"dataTransfer": transfer})
+    page.dispatch_event(target, "drop", {"dataTransfer": transfer})
+
+
 def fill_form(page, photos: list[Path] | Path, run: str, class_noun: str = "toy", preset: str = "tiny") -> None:
-    """Photos (uploaded as files, or a folder on this machine: read in place), then the fields."""
+    """Photos (dropped on the page as files, or a folder on this machine: read in place), then the fields."""
     if isinstance(photos, Path):
         page.fill("#photos-folder", str(photos))
         page.click("#photos-folder-load")
     else:
-        page.set_input_files("#photos-input", [str(p) for p in photos])
+        drop_files(page, "#photos-drop", photos)
     page.wait_for_selector(".intake-row")
     page.fill("#class_noun", class_noun)
     page.select_option("#model", "tiny")
