@@ -493,6 +493,13 @@ def advise(cfg, budget: int, estimate: Estimate | None = None, gpus: int = 1) ->
     return rows
 
 
+def plan_run(cfg, budget: int | None, gpus: int = 1) -> tuple[Estimate, list[tuple[str, list[str], Estimate]]]:
+    """The run's predicted peak on each of ``gpus`` GPUs, and with a ``budget`` the switches that
+    make it fit (``advise``): what `dreambooth plan` and the web UI report."""
+    estimate = on_gpus(predict(cfg), cfg, gpus)
+    return estimate, (advise(cfg, budget, estimate, gpus) if budget is not None else [])
+
+
 def _derived(estimate: Estimate, items: list[str], cfg) -> Estimate | None:
     """The estimate after a switch that changes one known part, without another planned step:
     8-bit AdamW (the optimizer state) and offloading the untouched frozen modules."""

@@ -20,7 +20,7 @@ def plan(model: str | None = None, preset: str | None = None, config: str | None
         gpus: the number of GPUs (one process each): the peak on each; with --set train.shard=fsdp the denoiser is split over them
     """
     from dreambooth.config import build_config
-    from dreambooth.plan import advise, fits, on_gpus, parse_budget, predict, report
+    from dreambooth.plan import fits, parse_budget, plan_run, report
 
     if gpus is not None and gpus < 1:
         from dreambooth.errors import DreamboothError
@@ -28,7 +28,6 @@ def plan(model: str | None = None, preset: str | None = None, config: str | None
         raise DreamboothError(f"--gpus {gpus}: give the number of GPUs the run will use (1 or more)")
     cfg = build_config(preset, config, overrides, extra={"model.path": model})
     budget = parse_budget(gpu)
-    estimate = on_gpus(predict(cfg), cfg, gpus or 1)
-    advice = advise(cfg, budget, estimate, gpus or 1) if budget is not None else []
+    estimate, advice = plan_run(cfg, budget, gpus or 1)
     print(report(cfg, estimate, budget, advice))
     return 0 if budget is None or fits(estimate, budget) or (advice and fits(advice[-1][2], budget)) else 1

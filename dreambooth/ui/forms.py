@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from dreambooth.config import SECTIONS, Config, build_config, list_presets, set_value
+from dreambooth.config import SECTIONS, Config, build_config, set_value
 from dreambooth.errors import DreamboothError
 
 # Form fields the page shows errors beside; advanced settings are "set:SECTION.KEY".
@@ -163,10 +163,6 @@ def base_models(models_dir: str | Path | None) -> list[dict]:
     return found
 
 
-def presets() -> list[str]:
-    return list_presets()
-
-
 # ------------------------------------------------------------------ advanced settings
 
 
@@ -287,14 +283,13 @@ def plan_text(form: StartForm) -> str:
     """`dreambooth plan`'s report for the form's settings, against this machine's GPU."""
     import torch
 
-    from dreambooth.plan import advise, parse_budget, predict, report
+    from dreambooth.plan import parse_budget, plan_run, report
 
     extra = {"model.path": form.model or None}
     cfg = build_config(form.preset or None, None, [f"{k}={v}" for k, v in form.overrides.items()], extra)
     budget = parse_budget("auto") if torch.cuda.is_available() else None
     with PLAN_LOCK:
-        estimate = predict(cfg)
-        advice = advise(cfg, budget, estimate) if budget is not None else []
+        estimate, advice = plan_run(cfg, budget)
     text = report(cfg, estimate, budget, advice)
     if budget is None:
         text += "\n(no CUDA GPU here: training runs on the CPU)"

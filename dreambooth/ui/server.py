@@ -23,6 +23,7 @@ from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from dreambooth.config import list_presets
 from dreambooth.errors import DreamboothError
 from dreambooth.ui import forms, runs
 from dreambooth.ui.jobs import Jobs
@@ -64,7 +65,7 @@ class App:
             if self.warming is None:
                 self.warming = threading.Thread(target=forms.warm_up, daemon=True, name="warm-up")
                 self.warming.start()
-        return {"presets": forms.presets(), "models": forms.base_models(self.models_dir), "runs_dir": str(self.root)}
+        return {"presets": list_presets(), "models": forms.base_models(self.models_dir), "runs_dir": str(self.root)}
 
     def tokens(self, request: Request):
         return forms.token_suggestions(request.query_params.get("model", ""))
